@@ -1,0 +1,113 @@
+"""``InstanceNorm`` as a Gluon HybridBlock over mx_instnorm's operator."""
+import mxnet as mx
+from mxnet.gluon import HybridBlock
+
+from ..operator import _params
+from ..operator.functions import instance_norm
+
+__all__ = ["InstanceNorm"]
+
+
+class InstanceNorm(HybridBlock):
+    r"""Applies instance normalization to the n-dimensional input array.
+
+    A drop-in for :class:`mxnet.gluon.nn.InstanceNorm`: same constructor,
+    same parameter names and ``grad_req`` rules, same ``repr`` and prefix,
+    so parameter files move between the two. It computes with
+    mx_instnorm's operator (float16/32/64, shifted two-pass statistics, any
+    channel axis without transposes).
+
+    .. math::
+
+        \bar{C} = \{i \mid i \neq 0, i \neq axis\}
+
+        out = \frac{x - mean[data, \bar{C}]}
+                   {\sqrt{Var[data, \bar{C}] + \epsilon}} * gamma + beta
+
+    The variance is biased (divides by the element count) and
+    :math:`\epsilon` is inside the square root, as MXNet computes it.
+
+    Parameters
+    ----------
+    axis : int, default 1
+        The channel axis (``1`` for NCHW, ``3`` or ``-1`` for NHWC); it is
+        excluded from the normalization along with the batch axis 0.
+    epsilon : float, default 1e-5
+        Added to the variance to avoid dividing by zero.
+    center : bool, default True
+        If True, ``beta`` is learned (``grad_req='write'``); if False it is
+        kept at its initial value (``grad_req='null'``) but still added.
+    scale : bool, default False
+        If True, ``gamma`` is learned; if False it is kept at its initial
+        value but still applied. (MXNet's own docstring says True; its code,
+        and this block, default to False.)
+    beta_initializer : str or Initializer, default 'zeros'
+    gamma_initializer : str or Initializer, default 'ones'
+    in_channels : int, default 0
+        Number of channels; 0 defers the parameters' shape to the first
+        forward pass.
+
+    Inputs:
+        - **data**: input tensor of rank >= 3.
+
+    Outputs:
+        - **out**: output tensor with the same shape and dtype as ``data``.
+
+    Examples
+    --------
+    >>> import mxnet as mx
+    >>> from mx_instnorm.gluon import InstanceNorm
+    >>> x = mx.nd.array([[[1.1, 2.2]], [[3.3, 4.4]]])
+    >>> layer = InstanceNorm()
+    >>> layer.initialize(ctx=mx.cpu(0))
+    >>> print(layer(x).asnumpy().round(5))
+    [[[-0.99998  0.99998]]
+    <BLANKLINE>
+     [[-0.99998  0.99998]]]
+    """
+
+    def __init__(self, axis=1, epsilon=1e-5, center=True, scale=False,
+                 beta_initializer='zeros', gamma_initializer='ones',
+                 in_channels=0, **kwargs):
+        super().__init__(**kwargs)
+        axis = _params.parse_axis(axis)
+        if axis == 0:
+            _params.normalize_axis(axis, 3)  # raises: the batch axis
+        _params.parse_eps(epsilon)
+        if not isinstance(in_channels, int) or isinstance(in_channels, bool) \
+                or in_channels < 0:
+            raise ValueError("in_channels must be an integer >= 0, got %r"
+                             % (in_channels,))
+        self._kwargs = {'eps': epsilon, 'axis': axis, 'center': center, 'scale': scale}
+        self._axis = axis
+        self._epsilon = epsilon
+        self.gamma = self.params.get('gamma', grad_req='write' if scale else 'null',
+                                     shape=(in_channels,), init=gamma_initializer,
+                                     allow_deferred_init=True)
+        self.beta = self.params.get('beta', grad_req='write' if center else 'null',
+                                    shape=(in_channels,), init=beta_initializer,
+                                    allow_deferred_init=True)
+
+    def forward(self, x, *args):
+        # Checked here, before a graph is built, so that bad input gets a
+        # clear message in hybridized mode too.
+        if isinstance(x, mx.nd.NDArray):
+            channels = _params.check_data_shape(x.shape, self._axis)
+            known = self.gamma.shape[0] if self.gamma.shape else 0
+            if known and known != channels:
+                raise ValueError(
+                    "%s was built for %d channels but data of shape %s has %d "
+                    "on axis %d" % (self.name, known, x.shape, channels, self._axis))
+        return super().forward(x, *args)
+
+    def hybrid_forward(self, F, x, gamma, beta):
+        return instance_norm(F, x, gamma, beta, self._epsilon, self._axis, name='fwd')
+
+    def __repr__(self):
+        s = '{name}({content}'
+        in_channels = self.gamma.shape[0]
+        s += ', in_channels={0}'.format(in_channels)
+        s += ')'
+        return s.format(name=self.__class__.__name__,
+                        content=', '.join(['='.join([k, v.__repr__()])
+                                           for k, v in self._kwargs.items()]))

@@ -1,0 +1,680 @@
+r"""Instance normalization in pure NumPy: the numerical kernel of mx_instnorm.
+
+Nothing here imports MXNet. The operator glue hands this module NumPy views
+of MXNet's memory, and the outputs are written in place.
+
+Layout
+------
+Data of rank >= 3, batch axis 0 and channel axis ``axis`` is viewed, without
+copying, as ``(N, A, C, B)``: ``A`` is the product of the axes between the
+batch and the channel axis, ``B`` the product of those after it. Instance
+``(n, c)`` is ``x[n, :, c, :]``, of ``M = A * B`` elements. Two layouts run
+without any copy:
+
+* channels first (``A == 1``, e.g. NCHW): every instance is a contiguous row
+  of the ``(N*C, B)`` matrix; blocks of rows are normalized at a time;
+* channels last (``B == 1``, e.g. NHWC): every instance is a column of the
+  ``(A, C)`` slab ``x[n]``; one slab is normalized at a time.
+
+Any other channel axis is transposed to channels first and back.
+
+Forward
+-------
+.. math::
+
+    \mu = \frac{1}{M}\sum_j x_j, \qquad
+    \sigma^2 = \frac{1}{M}\sum_j (x_j - \mu)^2, \qquad
+    r = \frac{1}{\sqrt{\sigma^2 + \epsilon}},
+
+    \hat{x}_j = (x_j - \mu)\, r, \qquad y_j = \gamma_c \hat{x}_j + \beta_c .
+
+``eps`` sits inside the square root, as MXNet's code (not its docstring)
+has it. ``r`` is called ``rstd`` below.
+
+Statistics use a shifted two-pass algorithm. Each instance is first shifted
+by its own first element ``K`` (``d = x - K`` is exact or nearly so for data
+with a large common offset), then ``mu' = mean(d)``, ``d -= mu'`` and
+``var = mean(d * d)``; ``mu = K + mu'``. A one-pass ``E[x^2] - E[x]^2`` loses
+every digit when the offset is large against the spread; this does not.
+float16 data is accumulated in float32, float32 in float32, float64 in
+float64.
+
+Backward
+--------
+With :math:`g = \partial L / \partial y` and sums over the ``M`` elements of
+one instance (and over the batch for the parameters):
+
+.. math::
+
+    \frac{\partial L}{\partial \beta_c} = \sum_n \sum_j g_j, \qquad
+    \frac{\partial L}{\partial \gamma_c} = \sum_n \sum_j g_j \hat{x}_j .
+
+Because :math:`\partial \mu / \partial x_j = 1/M` and
+:math:`\partial r / \partial x_j = -r^3 (x_j - \mu) / M`,
+
+.. math::
+
+    \frac{\partial L}{\partial x_j}
+      = \gamma_c r \left(g_j - c_1 - \hat{x}_j c_2\right), \qquad
+    c_1 = \frac{1}{M}\sum_i g_i, \quad
+    c_2 = \frac{1}{M}\sum_i g_i \hat{x}_i .
+
+The code keeps ``d = x - mu`` rather than ``x_hat = r d``; with
+``k = gamma * rstd`` it computes ``dx = k g - (k r c2) d - k c1`` where
+``c2 = r * sum(g d) / M``.
+
+Determinism
+-----------
+Every instance is reduced by the same NumPy calls in the same order whatever
+the block size or thread count, and the per-channel parameter gradients are
+summed over the batch in batch order after all blocks are done, so results
+are bitwise identical for every ``num_threads`` and ``block_bytes``.
+
+Examples
+--------
+>>> import numpy as np
+>>> x = np.array([[[1.1, 2.2]], [[3.3, 4.4]]], dtype=np.float32)
+>>> y, mean, rstd = instance_norm_forward(
+...     x, np.array([1.5], np.float32), np.array([0.5], np.float32), eps=1e-3)
+>>> np.round(y, 5)
+array([[[-0.99753,  1.99753]],
+<BLANKLINE>
+       [[-0.99753,  1.99753]]], dtype=float32)
+>>> np.round(mean, 5)
+array([[1.65],
+       [3.85]], dtype=float32)
+"""
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "DEFAULT_BLOCK_BYTES",
+    "accumulation_dtype",
+    "canonical_shape",
+    "default_num_threads",
+    "instance_norm_forward",
+    "instance_norm_stats",
+    "instance_norm_backward",
+]
+
+SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+# A block's working set is about three times this (input, scratch, output);
+# 256 KiB keeps it inside a 1-2 MiB L2 cache.
+DEFAULT_BLOCK_BYTES = 256 * 1024
+
+# Below this many input bytes a second thread costs more than it saves.
+_PARALLEL_MIN_BYTES = 512 * 1024
+
+_REQS = ("write", "add", "null")
+
+
+def accumulation_dtype(dtype):
+    """The dtype statistics and sums are accumulated in: float32 for
+    float16 data (float16 sums overflow at 65504 and keep 11 bits),
+    otherwise the data's own dtype."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+def canonical_shape(shape, axis):
+    """``(N, A, C, B)`` for data of ``shape`` with channel axis ``axis``.
+
+    >>> canonical_shape((2, 3, 4, 5), 1)
+    (2, 1, 3, 20)
+    >>> canonical_shape((2, 4, 5, 3), -1)
+    (2, 20, 3, 1)
+    """
+    ndim = len(shape)
+    if ndim < 3:
+        raise ValueError("InstanceNorm needs data of rank >= 3, got rank %d "
+                         "(shape %s)" % (ndim, tuple(shape)))
+    ax = axis + ndim if axis < 0 else axis
+    if not 0 < ax < ndim:
+        raise ValueError("axis %d is out of range or the batch axis for data "
+                         "of rank %d" % (axis, ndim))
+    return (int(shape[0]), int(np.prod(shape[1:ax], dtype=np.int64)),
+            int(shape[ax]), int(np.prod(shape[ax + 1:], dtype=np.int64)))
+
+
+def default_num_threads():
+    """``MX_INSTNORM_NUM_THREADS`` if set, else the CPUs this process may use."""
+    env = os.environ.get("MX_INSTNORM_NUM_THREADS", "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError("MX_INSTNORM_NUM_THREADS must be a positive "
+                             "integer, got %r" % env) from None
+        if value < 1:
+            raise ValueError("MX_INSTNORM_NUM_THREADS must be a positive "
+                             "integer, got %r" % env)
+        return value
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------- threads --
+
+_pools = {}
+_pools_lock = threading.Lock()
+_local = threading.local()
+
+
+def _pool(num_workers):
+    with _pools_lock:
+        pool = _pools.get(num_workers)
+        if pool is None:
+            pool = _pools[num_workers] = ThreadPoolExecutor(
+                max_workers=num_workers, thread_name_prefix="mx_instnorm")
+        return pool
+
+
+def _run_parallel(work, tasks, num_threads, nbytes):
+    """Run ``work(task)`` for every task, split into contiguous chunks over
+    ``num_threads`` threads (the caller's thread takes the first chunk)."""
+    if num_threads is None:
+        num_threads = default_num_threads()
+    num_threads = min(int(num_threads), len(tasks))
+    if num_threads <= 1 or nbytes < _PARALLEL_MIN_BYTES:
+        for task in tasks:
+            work(task)
+        return
+    bounds = np.linspace(0, len(tasks), num_threads + 1).astype(int)
+    chunks = [tasks[bounds[i]:bounds[i + 1]] for i in range(num_threads)]
+
+    def run_chunk(chunk):
+        for task in chunk:
+            work(task)
+
+    futures = [_pool(num_threads - 1).submit(run_chunk, c) for c in chunks[1:]]
+    try:
+        run_chunk(chunks[0])
+    finally:
+        # Wait for every chunk even if one failed: they write into the
+        # caller's arrays.
+        errors = []
+        for fut in futures:
+            try:
+                fut.result()
+            except BaseException as err:  # noqa: B902 - re-raised below
+                errors.append(err)
+    if errors:
+        raise errors[0]
+
+
+def _scratch(slot, shape, dtype):
+    """A per-thread reusable buffer: no tensor-sized allocation per block."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    size = int(np.prod(shape))
+    key = (slot, np.dtype(dtype).str)
+    buf = bufs.get(key)
+    if buf is None or buf.size < size:
+        buf = bufs[key] = np.empty(max(size, 1), dtype)
+    return buf[:size].reshape(shape)
+
+
+# ------------------------------------------------------------ block maths --
+# A block is a 2-D array whose instances lie along ``red`` (1: rows, 0:
+# columns). Sums go through BLAS (matmul against ones, per-row dots): several
+# times faster than NumPy's reductions on data already in cache, and each
+# instance is summed by the same call whatever else is in the block.
+
+_ones_cache = {}
+
+
+def _ones(length, dtype):
+    key = (length, np.dtype(dtype).str)
+    ones = _ones_cache.get(key)
+    if ones is None:
+        ones = np.ones(length, dtype)
+        ones.flags.writeable = False
+        _ones_cache[key] = ones
+    return ones
+
+
+def _isum(a, red):
+    """Per-instance sums of a block."""
+    if red == 1:
+        return np.matmul(a[:, None, :], _ones(a.shape[1], a.dtype)[:, None]).reshape(-1)
+    return _ones(a.shape[0], a.dtype) @ a
+
+
+def _idot(a, b, red):
+    """Per-instance sums of ``a * b``."""
+    if red == 1:
+        return np.matmul(a[:, None, :], b[:, :, None]).reshape(-1)
+    prod = _scratch(2, a.shape, a.dtype)
+    np.multiply(a, b, out=prod)
+    return _ones(a.shape[0], a.dtype) @ prod
+
+
+def _keep(vec, red):
+    return vec[:, None] if red == 1 else vec[None, :]
+
+
+def _block_stats(xb, red, eps, acc):
+    """Per-instance statistics of the block ``xb``.
+
+    Returns ``(d, mu, mean, rstd)``: ``d = x - K`` in a scratch buffer, with
+    ``K`` a per-instance shift, ``mu = mean(d)``, ``mean = K + mu`` and
+    ``rstd``, all flat vectors in ``acc``.
+    """
+    m = xb.shape[red]
+    first = xb[:, :1] if red == 1 else xb[:1, :]
+    d = _scratch(0, xb.shape, acc)
+    np.subtract(xb, first, out=d, dtype=acc)
+    shift = first.astype(acc).ravel()
+    mu = _isum(d, red) / m
+    var = _idot(d, d, red) / m
+    var -= mu * mu
+    # Shifted by one of its own elements, an instance's E[d^2] - E[d]^2
+    # keeps its digits unless that element lies far out (here: more than 4
+    # standard deviations); those instances are centred and summed again.
+    far = mu * mu > 16 * var
+    if far.any():
+        idx = np.flatnonzero(far)
+        if red == 1:
+            d[idx] -= mu[idx, None]
+            var[idx] = _idot(d[idx], d[idx], 1) / m
+        else:
+            d[:, idx] -= mu[idx]
+            var[idx] = np.einsum("ij,ij->j", d[:, idx], d[:, idx]) / m
+        shift[idx] += mu[idx]
+        mu[idx] = 0
+    var += eps
+    rstd = np.sqrt(var, out=var)
+    np.divide(1, rstd, out=rstd)
+    return d, mu, shift + mu, rstd
+
+
+def _put(dst, src, req):
+    """Write or accumulate ``src`` into ``dst`` with one rounding."""
+    if req == "add":
+        np.add(dst, src, out=dst, casting="unsafe")
+    else:
+        np.copyto(dst, src, casting="unsafe")
+
+
+def _forward_block(xb, yb, red, gam, bet, eps, acc, y_req):
+    d, mu, mean, rstd = _block_stats(xb, red, eps, acc)
+    if yb is not None:
+        # y = (d - mu) * scale + beta = d * scale + (beta - mu * scale)
+        scale = gam * rstd
+        d *= _keep(scale, red)
+        bias = _keep(bet - mu * scale, red)
+        if y_req == "add":
+            d += bias
+            np.add(yb, d, out=yb, casting="unsafe")
+        else:
+            np.add(d, bias, out=yb, casting="unsafe")
+    return mean, rstd
+
+
+def _backward_block(xb, gb, dxb, red, gam, mean, rstd, acc, dx_req):
+    """Returns per-instance ``(sum g, sum g x_hat)`` and writes dx."""
+    m = xb.shape[red]
+    d = _scratch(0, xb.shape, acc)
+    np.subtract(xb, _keep(mean, red), out=d, dtype=acc)
+    if gb.dtype != acc:
+        g = _scratch(1, gb.shape, acc)
+        np.copyto(g, gb)
+    else:
+        g = gb
+    sum_g = _isum(g, red)
+    sum_gxhat = _idot(g, d, red)
+    sum_gxhat *= rstd
+    if dxb is None:
+        return sum_g, sum_gxhat
+    # dx = k (g - c1 - x_hat c2), with x_hat c2 = d (r c2)
+    d *= _keep(rstd * (sum_gxhat / m), red)
+    np.subtract(g, d, out=d)
+    d -= _keep(sum_g / m, red)
+    k = _keep(gam * rstd, red)
+    if dx_req == "write":
+        np.multiply(d, k, out=dxb, casting="unsafe")
+    else:
+        d *= k
+        _put(dxb, d, dx_req)
+    return sum_g, sum_gxhat
+
+
+# --------------------------------------------------------------- drivers --
+
+def _check_req(name, req):
+    if req == "inplace":
+        return "write"
+    if req not in _REQS:
+        raise ValueError("%s must be one of 'write', 'inplace', 'add', 'null', "
+                         "got %r" % (name, req))
+    return req
+
+
+def _check_data(x, axis, name="data"):
+    if not isinstance(x, np.ndarray):
+        raise TypeError("%s must be a numpy.ndarray, got %s"
+                        % (name, type(x).__name__))
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError("%s dtype must be float16, float32 or float64, got %s"
+                        % (name, x.dtype))
+    return canonical_shape(x.shape, axis)
+
+
+def _check_param(p, name, channels, data_dtype):
+    p = np.asarray(p)
+    if p.shape != (channels,):
+        raise ValueError("%s must have shape (%d,) to match the channel axis, "
+                         "got shape %s" % (name, channels, p.shape))
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise TypeError("%s dtype must be float16, float32 or float64, got %s"
+                        % (name, p.dtype))
+    return p
+
+
+def _check_out(arr, name, shape, dtype=None):
+    if arr is None:
+        return None
+    if not isinstance(arr, np.ndarray) or arr.shape != tuple(shape):
+        raise ValueError("%s must be a numpy.ndarray of shape %s, got %s"
+                         % (name, tuple(shape), getattr(arr, "shape", type(arr))))
+    if dtype is not None and arr.dtype != dtype:
+        raise TypeError("%s must have dtype %s, got %s" % (name, dtype, arr.dtype))
+    return arr
+
+
+def _check_eps(eps):
+    eps = float(eps)
+    if not eps >= 0.0 or eps == float("inf"):
+        raise ValueError("eps must be a finite number >= 0, got %r" % eps)
+    return eps
+
+
+class _Plan:
+    """How one call walks its data: the layout, the 2-D views, the tasks."""
+
+    def __init__(self, shape, axis, acc, block_bytes):
+        self.n, self.a, self.c, self.b = canonical_shape(shape, axis)
+        self.ndim = len(shape)
+        self.axis = axis + self.ndim if axis < 0 else axis
+        self.acc = acc
+        if self.a == 1 or self.b > 1:
+            # Channels first (or transposed to it): instances are rows.
+            self.red = 1
+            rows = self.n * self.c
+            per_block = max(1, int(block_bytes) // max(1, self.b * acc.itemsize))
+            self.tasks = [(r, min(r + per_block, rows))
+                          for r in range(0, rows, per_block)]
+        else:
+            # Channels last: instance columns of one (A, C) slab per task.
+            self.red = 0
+            self.tasks = list(range(self.n))
+        self.transpose = self.a > 1 and self.b > 1
+
+    def view(self, arr):
+        """The 2-D (rows) or 3-D (slabs) view of ``arr`` the tasks index."""
+        if arr is None:
+            return None
+        if self.red == 1:
+            return arr.reshape(self.n * self.c, self.b)
+        return arr.reshape(self.n, self.a, self.c)
+
+    def block(self, view, task):
+        if view is None:
+            return None
+        return view[task[0]:task[1]] if self.red == 1 else view[task]
+
+    def params(self, vec, task):
+        """The per-channel vector as the instances of ``task`` need it."""
+        if self.red == 1:
+            return vec[np.arange(task[0], task[1]) % self.c]
+        return vec
+
+    def stat_index(self, task):
+        """Where ``task``'s per-instance values go in a flat (N*C,) vector."""
+        if self.red == 1:
+            return slice(task[0], task[1])
+        return slice(task * self.c, (task + 1) * self.c)
+
+    def to_rows(self, arr):
+        """A contiguous channels-first copy for layouts with A > 1 and B > 1."""
+        moved = np.moveaxis(arr.reshape(self.n, self.a, self.c, self.b), 2, 1)
+        return np.ascontiguousarray(moved).reshape(self.n, self.c, self.a * self.b)
+
+    def from_rows(self, rows, dst, req):
+        moved = np.moveaxis(rows.reshape(self.n, self.c, self.a, self.b), 1, 2)
+        _put(dst.reshape(self.n, self.a, self.c, self.b), moved, req)
+
+
+def _contiguous(arr):
+    return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+
+
+def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
+                          req="write", num_threads=None, block_bytes=None):
+    r"""Instance normalization forward pass.
+
+    .. math:: y = \frac{x - \mu_{n,c}}{\sqrt{\sigma^2_{n,c} + \epsilon}}
+              \gamma_c + \beta_c
+
+    with the mean and the biased variance taken over every axis except the
+    batch axis 0 and the channel axis ``axis``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        float16, float32 or float64 data of rank >= 3.
+    gamma, beta : array_like, shape (C,)
+        Per-channel scale and shift (any float dtype; float32 with float16
+        data is the mixed-precision case).
+    eps : float
+        Added to the variance inside the square root; must be >= 0.
+    axis : int
+        Channel axis, not 0; negative counts from the end.
+    out : numpy.ndarray, optional
+        Where to write ``y`` (shape and dtype of ``x``); may be ``x`` itself.
+    req : {'write', 'inplace', 'add', 'null'}
+        ``'add'`` adds ``y`` to ``out``; ``'null'`` computes statistics only.
+    num_threads : int, optional
+        Threads to split the work over; default :func:`default_num_threads`.
+    block_bytes : int, optional
+        Target size of one block of instances, in accumulation-dtype bytes.
+
+    Returns
+    -------
+    y : numpy.ndarray or None
+        ``out`` (or a new array); ``None`` when ``req == 'null'``.
+    mean, rstd : numpy.ndarray, shape (N, C)
+        Per-instance mean and ``1 / sqrt(var + eps)``, in the accumulation
+        dtype; backward takes them back.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.arange(12, dtype=np.float64).reshape(1, 2, 6) ** 2
+    >>> y, mean, rstd = instance_norm_forward(x, np.ones(2), np.zeros(2), eps=0)
+    >>> bool(np.allclose(y.mean(axis=2), 0) and np.allclose(y.var(axis=2), 1))
+    True
+    """
+    n, a, c, b = _check_data(x, axis)
+    eps = _check_eps(eps)
+    req = _check_req("req", req)
+    acc = accumulation_dtype(x.dtype)
+    gamma = _check_param(gamma, "gamma", c, x.dtype).astype(acc, copy=False)
+    beta = _check_param(beta, "beta", c, x.dtype).astype(acc, copy=False)
+    if req == "null":
+        out = None
+    elif out is None:
+        out = np.zeros_like(x) if req == "add" else np.empty_like(x)
+    else:
+        _check_out(out, "out", x.shape, x.dtype)
+    mean = np.empty(n * c, acc)
+    rstd = np.empty(n * c, acc)
+    if x.size == 0 or n * c == 0:
+        # Empty batch or empty instances: nothing to normalize.
+        mean.fill(np.nan)
+        rstd.fill(np.nan)
+        return out, mean.reshape(n, c), rstd.reshape(n, c)
+
+    plan = _Plan(x.shape, axis, acc, block_bytes or DEFAULT_BLOCK_BYTES)
+    if plan.transpose:
+        rows = plan.to_rows(x)
+        y_rows = None if out is None else np.empty_like(rows)
+        sub_y, sub_mean, sub_rstd = instance_norm_forward(
+            rows, gamma, beta, eps, 1, y_rows, "write" if out is not None else "null",
+            num_threads, block_bytes)
+        if out is not None:
+            plan.from_rows(sub_y, out, req)
+        return out, sub_mean, sub_rstd
+
+    xv = plan.view(_contiguous(x))
+    # A non-contiguous out is written through a contiguous temporary.
+    y_target = out if out is None or out.flags.c_contiguous else np.empty_like(x)
+    if y_target is not out and req == "add":
+        np.copyto(y_target, out)
+    yv = plan.view(y_target)
+
+    def work(task):
+        idx = plan.stat_index(task)
+        mean[idx], rstd[idx] = _forward_block(
+            plan.block(xv, task), plan.block(yv, task), plan.red,
+            plan.params(gamma, task), plan.params(beta, task), eps, acc, req)
+
+    _run_parallel(work, plan.tasks, num_threads, x.nbytes)
+    if y_target is not out and out is not None:
+        np.copyto(out, y_target)
+    return out, mean.reshape(n, c), rstd.reshape(n, c)
+
+
+def instance_norm_stats(x, eps=1e-3, axis=1, num_threads=None, block_bytes=None):
+    """Per-instance ``(mean, rstd)``, each of shape (N, C), without ``y``.
+
+    >>> import numpy as np
+    >>> mean, rstd = instance_norm_stats(np.array([[[1., 3.]]]), eps=0)
+    >>> float(mean[0, 0]), float(rstd[0, 0])
+    (2.0, 1.0)
+    """
+    _, _, c, _ = _check_data(x, axis)
+    ones = np.ones(c, accumulation_dtype(x.dtype))
+    _, mean, rstd = instance_norm_forward(x, ones, ones, eps, axis, None, "null",
+                                          num_threads, block_bytes)
+    return mean, rstd
+
+
+def instance_norm_backward(dy, x, gamma, mean=None, rstd=None, eps=1e-3, axis=1,
+                           dx=None, dgamma=None, dbeta=None,
+                           req=("write", "write", "write"),
+                           num_threads=None, block_bytes=None):
+    r"""Instance normalization backward pass (see the module docstring).
+
+    Parameters
+    ----------
+    dy, x : numpy.ndarray
+        Gradient of the loss w.r.t. ``y``, and the forward input; same shape
+        and dtype.
+    gamma : array_like, shape (C,)
+    mean, rstd : numpy.ndarray, shape (N, C), optional
+        The statistics :func:`instance_norm_forward` returned. Recomputed
+        from ``x`` (with ``eps``) when not given.
+    eps, axis :
+        As in the forward pass.
+    dx, dgamma, dbeta : numpy.ndarray, optional
+        Where to write the gradients; allocated when not given. ``dgamma``
+        and ``dbeta`` default to gamma's dtype.
+    req : 3-tuple of {'write', 'inplace', 'add', 'null'}
+        For ``dx``, ``dgamma`` and ``dbeta``; ``'add'`` accumulates into the
+        given array, ``'null'`` skips that gradient (returned as ``None``).
+
+    Returns
+    -------
+    dx, dgamma, dbeta : numpy.ndarray or None
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[[1., 2., 4.]]])
+    >>> dx, dgamma, dbeta = instance_norm_backward(
+    ...     np.ones_like(x), x, np.ones(1), eps=0)
+    >>> np.abs(dx).max() < 1e-12, float(dbeta[0])
+    (True, 3.0)
+    """
+    n, a, c, b = _check_data(x, axis, "x")
+    _check_data(dy, axis, "dy")
+    if dy.shape != x.shape or dy.dtype != x.dtype:
+        raise ValueError("dy must match x in shape and dtype, got %s %s vs %s %s"
+                         % (dy.shape, dy.dtype, x.shape, x.dtype))
+    eps = _check_eps(eps)
+    if len(req) != 3:
+        raise ValueError("req must give 3 entries (dx, dgamma, dbeta), got %r" % (req,))
+    dx_req, dg_req, db_req = (_check_req(name, r) for name, r in
+                              zip(("dx req", "dgamma req", "dbeta req"), req))
+    acc = accumulation_dtype(x.dtype)
+    gamma = _check_param(gamma, "gamma", c, x.dtype)
+    gam = gamma.astype(acc, copy=False)
+    if mean is None or rstd is None:
+        mean, rstd = instance_norm_stats(x, eps, axis, num_threads, block_bytes)
+    mean = np.asarray(mean, acc).reshape(n * c)
+    rstd = np.asarray(rstd, acc).reshape(n * c)
+
+    def prepare(arr, name, shape, dtype, r):
+        if r == "null":
+            return None
+        if arr is None:
+            return np.zeros(shape, dtype) if r == "add" else np.empty(shape, dtype)
+        return _check_out(arr, name, shape)
+
+    dx = prepare(dx, "dx", x.shape, x.dtype, dx_req)
+    dgamma = prepare(dgamma, "dgamma", (c,), gamma.dtype, dg_req)
+    dbeta = prepare(dbeta, "dbeta", (c,), gamma.dtype, db_req)
+
+    sum_g = np.zeros(n * c, acc)
+    sum_gxhat = np.zeros(n * c, acc)
+    if x.size and n * c:
+        plan = _Plan(x.shape, axis, acc, block_bytes or DEFAULT_BLOCK_BYTES)
+        if plan.transpose:
+            rows_x, rows_dy = plan.to_rows(x), plan.to_rows(dy)
+            rows_dx = None if dx is None else np.empty_like(rows_x)
+            _, sub_dg, sub_db = instance_norm_backward(
+                rows_dy, rows_x, gam, mean, rstd, eps, 1, rows_dx,
+                req=("write" if dx is not None else "null", "write", "write"),
+                num_threads=num_threads, block_bytes=block_bytes)
+            if dx is not None:
+                plan.from_rows(rows_dx, dx, dx_req)
+            # Parameter sums come back per channel already.
+            if dgamma is not None:
+                _put(dgamma, sub_dg, dg_req)
+            if dbeta is not None:
+                _put(dbeta, sub_db, db_req)
+            return dx, dgamma, dbeta
+
+        xv, gv = plan.view(_contiguous(x)), plan.view(_contiguous(dy))
+        dx_target = dx if dx is None or dx.flags.c_contiguous else np.empty_like(x)
+        if dx_target is not dx and dx_req == "add":
+            np.copyto(dx_target, dx)
+        dxv = plan.view(dx_target)
+
+        def work(task):
+            idx = plan.stat_index(task)
+            sum_g[idx], sum_gxhat[idx] = _backward_block(
+                plan.block(xv, task), plan.block(gv, task), plan.block(dxv, task),
+                plan.red, plan.params(gam, task), mean[idx], rstd[idx], acc, dx_req)
+
+        _run_parallel(work, plan.tasks, num_threads, x.nbytes)
+        if dx_target is not dx and dx is not None:
+            np.copyto(dx, dx_target)
+    elif dx is not None and dx_req == "write":
+        dx.fill(0)
+
+    # Per-channel sums over the batch, in batch order: deterministic.
+    if dgamma is not None:
+        _put(dgamma, sum_gxhat.reshape(n, c).sum(axis=0), dg_req)
+    if dbeta is not None:
+        _put(dbeta, sum_g.reshape(n, c).sum(axis=0), db_req)
+    return dx, dgamma, dbeta

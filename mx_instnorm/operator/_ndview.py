@@ -1,0 +1,57 @@
+"""NumPy views of CPU NDArray memory, for the CustomOp's fast path.
+
+``MXNDArrayGetData`` (MXNet's C API) returns the address of an NDArray's
+first element (byte offset included); wrapped with ``__array_interface__``
+it becomes an ndarray that reads and writes MXNet's buffer directly: no
+``asnumpy()`` copy in, no ``mx.nd.array()`` copy out.
+
+This is only sound where the caller owns the memory for the duration of the
+access: inside ``CustomOp.forward``/``backward`` the engine has finished
+every producer of the inputs and holds the outputs for this op, and the
+arrays MXNet hands a CustomOp are plain, default-layout, dense copies
+(``AllocateNDArrayCopy`` in src/operator/custom/custom.cc).
+"""
+import ctypes
+
+import numpy as np
+from mxnet.base import _LIB, check_call
+
+__all__ = ["numpy_view", "can_view"]
+
+
+class _Interface:
+    """The smallest object NumPy accepts as an array description."""
+
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, address, shape, typestr):
+        self.__array_interface__ = {
+            "data": (address, False),
+            "shape": shape,
+            "typestr": typestr,
+            "version": 3,
+        }
+
+
+def can_view(arr):
+    """True for dense NDArrays on a CPU context."""
+    return arr.stype == "default" and arr.context.device_type in ("cpu", "cpu_pinned",
+                                                                 "cpu_shared")
+
+
+def numpy_view(arr, shape, dtype):
+    """An ndarray over the memory of the CPU NDArray ``arr``.
+
+    ``shape`` and ``dtype`` are what the caller already knows of ``arr``
+    (from the Prop), which saves two C API round trips per array.
+    """
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in shape)
+    if int(np.prod(shape)) == 0:
+        return np.empty(shape, dtype)
+    address = ctypes.c_void_p()
+    check_call(_LIB.MXNDArrayGetData(arr.handle, ctypes.byref(address)))
+    if not address.value:
+        raise RuntimeError("MXNDArrayGetData returned no memory for an NDArray "
+                           "of shape %s" % (shape,))
+    return np.asarray(_Interface(address.value, shape, dtype.str))

@@ -1,0 +1,237 @@
+"""The InstanceNorm CustomOp: the Op computes, the Prop declares.
+
+``InstanceNormProp`` parses its string keywords strictly, infers the shapes
+(``gamma``/``beta`` get ``(C,)`` from the data, which Gluon's deferred
+initialization relies on) and dtypes of every argument, and declares that
+backward needs only ``dy``, ``x`` and ``gamma``. ``InstanceNormOp`` runs one
+of two paths:
+
+* ``fast`` (CPU arrays): NumPy views of the NDArrays' own memory are handed
+  to :mod:`mx_instnorm.kernel`, which writes outputs and gradients in place,
+  honouring ``req``;
+* ``generic`` (any context): the same maths in ``mx.nd`` operators on the
+  arrays' own context; this is what a GPU build runs.
+
+``MX_INSTNORM_PATH=generic`` forces the generic path on CPU too (tests use
+it to check both paths against the same references).
+
+The per-instance ``mean``/``rstd`` the fast forward computes are kept on the
+Op instance (a few bytes per instance, never an output) together with the
+address of the data they came from; backward reuses them when it sees the
+same data address and recomputes them otherwise.
+"""
+import os
+
+import mxnet as mx
+import numpy as np
+from mxnet.ndarray.ndarray import _DTYPE_MX_TO_NP
+
+from .. import kernel
+from . import _params
+from ._ndview import can_view, numpy_view
+
+__all__ = ["OP_TYPE", "InstanceNormOp", "InstanceNormProp", "selected_path"]
+
+OP_TYPE = "mx_instnorm.InstanceNorm"
+
+_PATHS = ("auto", "fast", "generic")
+
+
+def selected_path(ctx_device_type):
+    """``'fast'`` or ``'generic'`` for a context, honouring MX_INSTNORM_PATH."""
+    choice = os.environ.get("MX_INSTNORM_PATH", "auto").strip().lower() or "auto"
+    if choice not in _PATHS:
+        raise ValueError("MX_INSTNORM_PATH must be one of %s, got %r"
+                         % (", ".join(_PATHS), choice))
+    if choice == "generic" or ctx_device_type not in ("cpu", "cpu_pinned", "cpu_shared"):
+        return "generic"
+    return "fast"
+
+
+# ------------------------------------------------------------ generic path --
+
+def _reduce_axes(ndim, axis):
+    return tuple(i for i in range(1, ndim) if i != axis)
+
+
+def _param_shape(ndim, axis, channels):
+    shape = [1] * ndim
+    shape[axis] = channels
+    return tuple(shape)
+
+
+def _generic_centered(x, eps, red):
+    """``(x - mean, rstd)`` with mx.nd ops, shifted two-pass like the kernel."""
+    if x.dtype == np.float16:
+        x = x.astype(np.float32)
+    shift = x
+    for a in red:
+        shift = mx.nd.slice_axis(shift, axis=a, begin=0, end=1)
+    d = mx.nd.broadcast_sub(x, shift)
+    d = mx.nd.broadcast_sub(d, mx.nd.mean(d, axis=red, keepdims=True))
+    var = mx.nd.mean(mx.nd.square(d), axis=red, keepdims=True)
+    return d, mx.nd.rsqrt(var + eps)
+
+
+class InstanceNormOp(mx.operator.CustomOp):
+    """Computes instance normalization; see :mod:`mx_instnorm.kernel`."""
+
+    def __init__(self, eps, axis, shapes, dtypes, path):
+        super().__init__()
+        self._eps = eps
+        self._axis = _params.normalize_axis(axis, len(shapes[0]))
+        self._shapes = [tuple(s) for s in shapes]
+        # create_operator receives MXNet's dtype codes (0 float32, 1 float64, ...).
+        self._dtypes = [np.dtype(_DTYPE_MX_TO_NP[int(d)]) for d in dtypes]
+        self._path = path
+        self._saved = None
+
+    # -- fast path ---------------------------------------------------------
+    def _view(self, arr, which):
+        return numpy_view(arr, self._shapes[which], self._dtypes[which])
+
+    def _fast_ok(self, arrays):
+        return all(can_view(a) for a in arrays)
+
+    def forward(self, is_train, req, in_data, out_data, aux):
+        if self._path == "fast" and self._fast_ok(in_data + out_data):
+            x = self._view(in_data[0], 0)
+            y = None if req[0] == "null" else numpy_view(
+                out_data[0], self._shapes[0], self._dtypes[0])
+            _, mean, rstd = kernel.instance_norm_forward(
+                x, self._view(in_data[1], 1), self._view(in_data[2], 2),
+                self._eps, self._axis, out=y, req=req[0])
+            self._saved = (mean, rstd, x.__array_interface__["data"][0])
+            return
+        if req[0] == "null":
+            return
+        self._generic_forward(req, in_data, out_data)
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        if all(r == "null" for r in req):
+            return
+        if self._path == "fast" and self._fast_ok(
+                [out_grad[0], in_data[0], in_data[1]] + in_grad):
+            x = self._view(in_data[0], 0)
+            mean = rstd = None
+            if self._saved is not None and self._saved[2] == x.__array_interface__["data"][0]:
+                mean, rstd = self._saved[0], self._saved[1]
+            grads = [None if r == "null" else self._view(g, i)
+                     for i, (r, g) in enumerate(zip(req, in_grad))]
+            kernel.instance_norm_backward(
+                numpy_view(out_grad[0], self._shapes[0], self._dtypes[0]), x,
+                self._view(in_data[1], 1), mean, rstd, self._eps, self._axis,
+                grads[0], grads[1], grads[2], req=tuple(req))
+            return
+        self._generic_backward(req, out_grad, in_data, in_grad)
+
+    # -- generic path ------------------------------------------------------
+    def _generic_forward(self, req, in_data, out_data):
+        x, gamma, beta = in_data
+        shape = self._shapes[0]
+        if int(np.prod(shape)) == 0:
+            return
+        ndim, axis = len(shape), self._axis
+        pshape = _param_shape(ndim, axis, shape[axis])
+        d, rstd = _generic_centered(x, self._eps, _reduce_axes(ndim, axis))
+        acc = d.dtype
+        y = mx.nd.broadcast_add(
+            mx.nd.broadcast_mul(mx.nd.broadcast_mul(d, rstd),
+                                gamma.astype(acc).reshape(pshape)),
+            beta.astype(acc).reshape(pshape))
+        self.assign(out_data[0], req[0], y.astype(self._dtypes[0]))
+
+    def _generic_backward(self, req, out_grad, in_data, in_grad):
+        x, gamma = in_data[0], in_data[1]
+        shape = self._shapes[0]
+        ndim, axis = len(shape), self._axis
+        if int(np.prod(shape)) == 0:
+            for r, g in zip(req[1:], in_grad[1:]):
+                if r in ("write", "inplace"):
+                    g[:] = 0
+            return
+        red = _reduce_axes(ndim, axis)
+        pshape = _param_shape(ndim, axis, shape[axis])
+        d, rstd = _generic_centered(x, self._eps, red)
+        acc = d.dtype
+        g = out_grad[0].astype(acc)
+        xhat = mx.nd.broadcast_mul(d, rstd)
+        c1 = mx.nd.mean(g, axis=red, keepdims=True)
+        c2 = mx.nd.mean(g * xhat, axis=red, keepdims=True)
+        if req[0] != "null":
+            k = mx.nd.broadcast_mul(gamma.astype(acc).reshape(pshape), rstd)
+            dx = mx.nd.broadcast_mul(
+                k, mx.nd.broadcast_sub(g, c1) - mx.nd.broadcast_mul(xhat, c2))
+            self.assign(in_grad[0], req[0], dx.astype(self._dtypes[0]))
+        param_axes = tuple(i for i in range(ndim) if i != axis)
+        if req[1] != "null":
+            self.assign(in_grad[1], req[1],
+                        mx.nd.sum(g * xhat, axis=param_axes).astype(self._dtypes[1]))
+        if req[2] != "null":
+            self.assign(in_grad[2], req[2],
+                        mx.nd.sum(g, axis=param_axes).astype(self._dtypes[2]))
+
+
+class InstanceNormProp(mx.operator.CustomOpProp):
+    """Declares arguments, shapes, dtypes and backward dependencies."""
+
+    def __init__(self, eps="0.001", axis="1"):
+        super().__init__(need_top_grad=True)
+        self.eps = _params.parse_eps(eps)
+        self.axis = _params.parse_axis(axis)
+
+    def list_arguments(self):
+        return ["data", "gamma", "beta"]
+
+    def list_outputs(self):
+        return ["output"]
+
+    def infer_shape(self, in_shape):
+        data = tuple(in_shape[0])
+        if len(data) == 0:
+            # Unknown yet (partial inference): nothing to tell.
+            return in_shape, [data], []
+        channels = _params.check_data_shape(data, self.axis)
+        if channels < 0:
+            return in_shape, [data], []
+        params = []
+        for name, shape in (("gamma", in_shape[1]), ("beta", in_shape[2])):
+            shape = tuple(shape)
+            # (), (0,) and (-1,) mean "not known yet" (Gluon's deferred init).
+            if shape not in ((), (0,), (-1,)):
+                _params.check_param_shape(name, shape, channels)
+            params.append((channels,))
+        return [data] + params, [data], []
+
+    def infer_type(self, in_type):
+        data, gamma, beta = in_type
+        if data is None:
+            data = gamma if gamma is not None else np.float32
+        if gamma is None and beta is None:
+            gamma = beta = data
+        elif gamma is None:
+            gamma = beta
+        elif beta is None:
+            beta = gamma
+        _params.check_dtypes(data, gamma, beta)
+        return [data, gamma, beta], [data], []
+
+    def declare_backward_dependency(self, out_grad, in_data, out_data):
+        # dy, x and gamma; the output y and beta are not needed.
+        return [out_grad[0], in_data[0], in_data[1]]
+
+    def create_operator(self, ctx, in_shapes, in_dtypes):
+        device_type = str(ctx).split("(")[0]
+        return InstanceNormOp(self.eps, self.axis, in_shapes, in_dtypes,
+                              selected_path(device_type))
+
+
+_registered = False
+
+
+def register():
+    """Registers the op under :data:`OP_TYPE` (once per process)."""
+    global _registered
+    if not _registered:
+        mx.operator.register(OP_TYPE)(InstanceNormProp)
+        _registered = True

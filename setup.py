@@ -1,0 +1,43 @@
+"""Install mx_instnorm.
+
+MXNet 1.9.1 (the newest on PyPI) reads ``numpy.bool`` at import time, an
+alias NumPy 1.24 removed, so NumPy is pinned below 1.24. NumPy 1.23 ships
+wheels for Python 3.8-3.11 only, which bounds ``python_requires``.
+"""
+import os
+
+from setuptools import find_packages, setup
+
+here = os.path.abspath(os.path.dirname(__file__))
+version = {}
+with open(os.path.join(here, "mx_instnorm", "_version.py")) as f:
+    exec(f.read(), version)
+with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="mx_instnorm",
+    version=version["__version__"],
+    description="A fast, precise, any-dtype InstanceNorm for Apache MXNet 1.x "
+                "(CustomOp, nd/sym functions and a Gluon block)",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mx_instnorm", "mx_instnorm.*"]),
+    python_requires=">=3.8,<3.12",
+    install_requires=[
+        "mxnet>=1.6,<2",
+        "numpy>=1.17,<1.24",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.8",
+        "Programming Language :: Python :: 3.9",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
