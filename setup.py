@@ -29,7 +29,12 @@ setup(
         "numpy>=1.17,<1.24",
     ],
     extras_require={
+        # The test suite; torch (if installed) is an optional extra reference.
         "test": ["pytest>=7"],
+        # `python -m mx_instnorm.bench --plot FILE`
+        "bench": ["matplotlib"],
+        # ONNX export: MXNet 1.9.1's exporter needs onnx.mapping (onnx < 1.15).
+        "onnx": ["onnx==1.14.1", "onnxruntime"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
