@@ -1,0 +1,310 @@
+"""``python -m mx_instnorm``: run the documented examples, side by side with
+MXNet's built-in InstanceNorm, and report.
+
+Checks, each for mx_instnorm and for the built-in:
+
+1. the example of ``mx.nd.InstanceNorm``'s documentation (eps 1e-3, gamma
+   1.5, beta 0.5) through nd and through a bound sym executor;
+2. the example of ``mx.gluon.nn.InstanceNorm``'s documentation (eps 1e-5,
+   default initialization) through Gluon: imperative, hybridized, and
+   exported with ``.export`` then re-imported with ``SymbolBlock.imports``;
+3. float16, float32 and float64 data (the built-in takes float32 only),
+   against a float64 NumPy reference;
+4. data with a large common offset (1e4 + N(0, 1), float32), against a
+   float64 NumPy reference.
+
+The exit status is 1 if any mx_instnorm result is off by more than its
+tolerance, else 0. The built-in's errors and imprecision are reported, not
+counted as failures. Only the public API (``mx_instnorm.nd``, ``.sym``,
+``.gluon``) is used.
+"""
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+
+__all__ = ["main"]
+
+# The documented outputs are float32 results printed to 8 digits: they carry
+# float32 rounding noise of a few 1e-7 (the exact answers differ from them
+# by up to 1.9e-7), hence 5e-7 rather than an ulp.
+DOC_TOLERANCE = 5e-7
+
+# Seed 000: mxnet.ndarray.InstanceNorm's example (eps default 1e-3).
+ND_DOC_X = [[[1.1, 2.2]], [[3.3, 4.4]]]
+ND_DOC_GAMMA, ND_DOC_BETA, ND_DOC_EPS = [1.5], [0.5], 1e-3
+ND_DOC_OUT = [[[-0.997527, 1.99752665]], [[-0.99752653, 1.99752724]]]
+
+# Seed 001: mxnet.gluon.nn.InstanceNorm's example (epsilon default 1e-5,
+# gamma ones, beta zeros).
+GLUON_DOC_OUT = [[[-0.99998355, 0.99998331]], [[-0.99998319, 0.99998361]]]
+
+# Max abs error against a float64 reference, per data dtype, for outputs of
+# magnitude < 8. float16: half an ulp of float16 in [4, 8) is 2e-3, plus
+# float32 accumulation; float32: a few ulps; float64: a few ulps.
+DTYPE_TOLERANCE = {"float16": 4e-3, "float32": 5e-6, "float64": 1e-12}
+
+# Large offset: float32 output in [-5, 5] computed from float32 input; the
+# shifted two-pass statistics keep it within a few float32 ulps.
+OFFSET_TOLERANCE = 1e-5
+OFFSET = 1e4
+OFFSET_SHAPE = (4, 16, 32, 32)
+OFFSET_EPS = 1e-5
+
+
+class _Report:
+    def __init__(self, quiet):
+        self.quiet = quiet
+        self.failures = []
+        self._raised = set()
+
+    def say(self, text=""):
+        if not self.quiet:
+            print(text)
+
+    def check(self, label, error, tolerance):
+        """Records one of OUR results; returns 'ok' or 'FAIL'."""
+        ok = bool(np.isfinite(error)) and error <= tolerance
+        if label in self._raised:
+            return "FAIL (raised)"
+        if not ok:
+            self.failures.append("%s: error %.2e > tolerance %.0e"
+                                 % (label, error, tolerance))
+        return "ok" if ok else "FAIL"
+
+    def run_ours(self, label, fn):
+        """``fn()``, or NaN (a failure) if it raises: one broken route
+        should not hide the others."""
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - reported as a failure
+            self.failures.append("%s raised %s" % (label, _error_line(err)))
+            self._raised.add(label)
+            return np.full(1, np.nan)
+
+
+def _fmt_values(arr):
+    return "[" + " ".join("%+.8f" % v for v in np.asarray(arr, np.float64).ravel()) + "]"
+
+
+def _maxdiff(a, b):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def _error_line(err):
+    """The gist of an (MXNet) error: its last line, after the last ': '
+    (MXNet's type check ends with "...: Unsupported data type 2")."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[-1].rsplit(": ", 1)[-1] if lines else ""
+    return "%s (%s)" % (text[:100], type(err).__name__)
+
+
+def _reference(x, gamma, beta, eps, axis=1):
+    """Float64 NumPy instance norm: two-pass statistics over axes != 0, axis."""
+    x = np.asarray(x, np.float64)
+    red = tuple(i for i in range(1, x.ndim) if i != axis)
+    pshape = [1] * x.ndim
+    pshape[axis] = x.shape[axis]
+    d = x - x.mean(axis=red, keepdims=True)
+    var = (d * d).mean(axis=red, keepdims=True)
+    return (d / np.sqrt(var + eps) * np.asarray(gamma, np.float64).reshape(pshape)
+            + np.asarray(beta, np.float64).reshape(pshape))
+
+
+# ----------------------------------------------------------------- routes --
+
+def _nd(mx, mx_instnorm, ours, x, gamma, beta, eps):
+    fn = mx_instnorm.nd.InstanceNorm if ours else mx.nd.InstanceNorm
+    return fn(x, gamma, beta, eps=eps).asnumpy()
+
+
+def _sym(mx, mx_instnorm, ours, x, gamma, beta, eps):
+    fn = mx_instnorm.sym.InstanceNorm if ours else mx.sym.InstanceNorm
+    net = fn(data=mx.sym.var("data"), gamma=mx.sym.var("gamma"),
+             beta=mx.sym.var("beta"), eps=eps)
+    exe = net.bind(mx.cpu(), args={"data": x, "gamma": gamma, "beta": beta},
+                   grad_req="null")
+    exe.forward(is_train=False)
+    return exe.outputs[0].asnumpy()
+
+
+def _gluon_block(mx, mx_instnorm, ours):
+    cls = mx_instnorm.gluon.InstanceNorm if ours else mx.gluon.nn.InstanceNorm
+    block = cls()
+    block.initialize(ctx=mx.cpu(0))
+    return block
+
+
+def _gluon(mx, mx_instnorm, ours, x):
+    return _gluon_block(mx, mx_instnorm, ours)(x).asnumpy()
+
+
+def _gluon_hybrid(mx, mx_instnorm, ours, x):
+    block = _gluon_block(mx, mx_instnorm, ours)
+    block.hybridize()
+    return block(x).asnumpy()
+
+
+def _gluon_exported(mx, mx_instnorm, ours, x):
+    block = _gluon_block(mx, mx_instnorm, ours)
+    block.hybridize()
+    block(x)  # export needs a cached graph
+    with tempfile.TemporaryDirectory(prefix="mx_instnorm_") as tmp:
+        prefix = os.path.join(tmp, "model")
+        block.export(prefix)
+        with warnings.catch_warnings():
+            # SymbolBlock.imports warns that it cannot infer the input dtype.
+            warnings.simplefilter("ignore", UserWarning)
+            imported = mx.gluon.SymbolBlock.imports(
+                prefix + "-symbol.json", ["data"], prefix + "-0000.params",
+                ctx=mx.cpu(0))
+        return imported(x).asnumpy()
+
+
+# --------------------------------------------------------------- sections --
+
+def _documented(report, mx, mx_instnorm):
+    x = mx.nd.array(ND_DOC_X)
+    gamma, beta = mx.nd.array(ND_DOC_GAMMA), mx.nd.array(ND_DOC_BETA)
+    cases = [
+        ("mx.nd.InstanceNorm doc: gamma=[1.5], beta=[0.5], eps=1e-3", ND_DOC_OUT, [
+            ("nd", lambda ours: _nd(mx, mx_instnorm, ours, x, gamma, beta, ND_DOC_EPS)),
+            ("sym (bound executor)",
+             lambda ours: _sym(mx, mx_instnorm, ours, x, gamma, beta, ND_DOC_EPS)),
+        ]),
+        ("gluon.nn.InstanceNorm doc: default init, epsilon=1e-5", GLUON_DOC_OUT, [
+            ("gluon", lambda ours: _gluon(mx, mx_instnorm, ours, x)),
+            ("gluon hybridized", lambda ours: _gluon_hybrid(mx, mx_instnorm, ours, x)),
+            ("gluon export + SymbolBlock.imports",
+             lambda ours: _gluon_exported(mx, mx_instnorm, ours, x)),
+        ]),
+    ]
+    report.say("1. Documented examples: x = %s (float32)" % ND_DOC_X)
+    report.say("   tolerance vs documented numbers: %.0e (they carry float32 noise)"
+               % DOC_TOLERANCE)
+    for title, documented, routes in cases:
+        report.say()
+        report.say("   %s" % title)
+        report.say("   %-36s %-10s %-46s %-9s %s" % ("route", "impl", "output (flattened)",
+                                                     "|d doc|", "|d built-in|"))
+        report.say("   %-36s %-10s %s" % ("", "documented", _fmt_values(documented)))
+        for route, run in routes:
+            builtin = run(False)
+            ours = report.run_ours("documented example, %s" % route, lambda: run(True))
+            status = report.check("documented example, %s" % route,
+                                  _maxdiff(ours, documented), DOC_TOLERANCE)
+            report.say("   %-36s %-10s %-46s %.1e" % (route, "built-in", _fmt_values(builtin),
+                                                      _maxdiff(builtin, documented)))
+            report.say("   %-36s %-10s %-46s %.1e   %.1e  %s"
+                       % ("", "ours", _fmt_values(ours), _maxdiff(ours, documented),
+                          _maxdiff(ours, builtin), status))
+
+
+def _dtypes(report, mx, mx_instnorm):
+    rng = np.random.default_rng(0)
+    shape = (2, 3, 8, 8)
+    x64 = rng.standard_normal(shape)
+    gamma64 = rng.uniform(0.5, 1.5, shape[1])
+    beta64 = rng.uniform(-0.5, 0.5, shape[1])
+    eps = 1e-3
+    report.say()
+    report.say("2. Data dtypes: x ~ N(0, 1), shape %s, random gamma/beta, eps=%g;"
+               % (shape, eps))
+    report.say("   max abs error vs a float64 NumPy reference of the same (cast) input")
+    report.say("   %-20s %-48s %s" % ("data / params", "built-in mx.nd.InstanceNorm",
+                                      "ours (tolerance)"))
+    cases = [("float16", "float16"), ("float16", "float32"),
+             ("float32", "float32"), ("float64", "float64")]
+    for data_dtype, param_dtype in cases:
+        x_np = x64.astype(data_dtype)
+        g_np, b_np = gamma64.astype(param_dtype), beta64.astype(param_dtype)
+        ref = _reference(x_np, g_np, b_np, eps)
+        x = mx.nd.array(x_np, dtype=data_dtype)
+        gamma = mx.nd.array(g_np, dtype=param_dtype)
+        beta = mx.nd.array(b_np, dtype=param_dtype)
+        try:
+            builtin = "max error %.1e" % _maxdiff(
+                mx.nd.InstanceNorm(x, gamma, beta, eps=eps).asnumpy(), ref)
+        except Exception as err:  # noqa: BLE001 - reported, not a failure
+            builtin = "rejected: " + _error_line(err)
+        label = "%s data / %s params" % (data_dtype, param_dtype)
+        out_np = report.run_ours(label, lambda: mx_instnorm.nd.InstanceNorm(
+            x, gamma, beta, eps=eps).asnumpy())
+        error = _maxdiff(out_np, ref) if out_np.shape == ref.shape else float("nan")
+        tolerance = DTYPE_TOLERANCE[data_dtype]
+        if out_np.shape == ref.shape and out_np.dtype != np.dtype(data_dtype):
+            report.failures.append("%s: output dtype %s" % (label, out_np.dtype))
+            status = "FAIL (output dtype %s)" % out_np.dtype
+        else:
+            status = report.check(label, error, tolerance)
+        report.say("   %-20s %-48s %.1e (%.0e) %s"
+                   % (data_dtype + " / " + param_dtype, builtin[:48], error, tolerance,
+                      status))
+
+
+def _offset(report, mx, mx_instnorm):
+    rng = np.random.default_rng(0)
+    x_np = (OFFSET + rng.standard_normal(OFFSET_SHAPE)).astype(np.float32)
+    channels = OFFSET_SHAPE[1]
+    gamma, beta = mx.nd.ones(channels), mx.nd.zeros(channels)
+    ref = _reference(x_np, np.ones(channels), np.zeros(channels), OFFSET_EPS)
+    x = mx.nd.array(x_np)
+    builtin = _maxdiff(mx.nd.InstanceNorm(x, gamma, beta, eps=OFFSET_EPS).asnumpy(), ref)
+    ours = _maxdiff(report.run_ours("large offset", lambda: mx_instnorm.nd.InstanceNorm(
+        x, gamma, beta, eps=OFFSET_EPS).asnumpy()), ref)
+    status = report.check("large offset", ours, OFFSET_TOLERANCE)
+    report.say()
+    report.say("3. Large offset: x = %.0e + N(0, 1), float32, shape %s, seed 0, eps=%g;"
+               % (OFFSET, OFFSET_SHAPE, OFFSET_EPS))
+    report.say("   max abs error vs a float64 NumPy reference of the same input")
+    report.say("   built-in  %.1e" % builtin)
+    report.say("   ours      %.1e (tolerance %.0e) %s" % (ours, OFFSET_TOLERANCE, status))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m mx_instnorm",
+        description="Run mx_instnorm's documented examples side by side with "
+                    "MXNet's built-in InstanceNorm and report; exit status 1 if "
+                    "any mx_instnorm result is off by more than its tolerance.")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only the final verdict (and failures)")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    # Binding an executor otherwise logs "Subgraph backend MKLDNN is activated".
+    os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
+    import mxnet as mx
+
+    import mx_instnorm
+
+    report = _Report(args.quiet)
+    report.say("mx_instnorm %s | mxnet %s | numpy %s | python %s"
+               % (mx_instnorm.__version__, mx.__version__, np.__version__,
+                  platform.python_version()))
+    report.say("MX_INSTNORM_PATH=%s MX_INSTNORM_NUM_THREADS=%s"
+               % (os.environ.get("MX_INSTNORM_PATH", "(unset: auto)"),
+                  os.environ.get("MX_INSTNORM_NUM_THREADS", "(unset: all CPUs)")))
+    report.say()
+    _documented(report, mx, mx_instnorm)
+    _dtypes(report, mx, mx_instnorm)
+    _offset(report, mx, mx_instnorm)
+    report.say()
+    elapsed = time.perf_counter() - start
+    if report.failures:
+        print("FAILED: %d mx_instnorm check(s) (%.2f s)"
+              % (len(report.failures), elapsed))
+        for failure in report.failures:
+            print("  - " + failure)
+        return 1
+    print("OK: every mx_instnorm result within tolerance (%.2f s)" % elapsed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
