@@ -16,3 +16,13 @@ _register()
 from . import gluon, kernel, nd, sym  # noqa: E402  (after registration)
 
 __all__ = ["__version__", "OP_TYPE", "gluon", "kernel", "nd", "sym"]
+
+from .operator.native import export_native, to_native  # noqa: E402
+
+__all__ += ["to_native", "export_native"]
+
+# mx.onnx.export_model converts our op where onnx is installed (a no-op, and
+# no onnx import, where it is not).
+from .operator import onnx_export as _onnx_export  # noqa: E402
+
+_onnx_export.register()

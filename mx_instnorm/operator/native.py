@@ -1,0 +1,267 @@
+"""Rewriting mx_instnorm's CustomOp into MXNet's built-in ``InstanceNorm``.
+
+A graph that uses our op needs ``import mx_instnorm`` wherever it runs,
+because a ``Custom`` node is resolved by name in the running process. MXNet's
+own ``InstanceNorm`` computes the same function (biased variance, ``eps``
+inside the square root) for float32 data with the channel axis at 1, so
+:func:`to_native` replaces each of our nodes by it, and :func:`export_native`
+writes the files ``HybridBlock.export`` writes with the rewritten graph.
+
+The rewrite edits the graph's JSON: each of our ``Custom`` nodes becomes
+
+* ``InstanceNorm(data, gamma, beta)`` when the channel axis is 1;
+* ``SwapAxis(1, axis) -> InstanceNorm -> SwapAxis(1, axis)`` otherwise
+  (the built-in normalizes every axis after 1; swapping two axes is its own
+  inverse and leaves the normalized axes' order irrelevant).
+
+The last node keeps the ``Custom`` node's name, so the output names
+(``<name>_output``) and every argument and auxiliary name are unchanged. The
+guard node the package puts before our op's data input is left as it is.
+"""
+import json
+
+import mxnet as mx
+import numpy as np
+
+from . import _params
+from .custom_op import OP_TYPE
+
+__all__ = ["to_native", "export_native"]
+
+
+def _is_ours(node):
+    return node.get("op") == "Custom" and node.get("attrs", {}).get("op_type") == OP_TYPE
+
+
+def _infer(symbol, ours, nodes, shapes, dtypes):
+    """Per node of ours: (rank or None, dtype or None), from partial inference.
+
+    Variables' ``__dtype__``/``__shape__`` attributes take part, so a graph
+    from a block cast to float64 is recognized without ``dtypes``.
+    """
+    internals = symbol.get_internals()
+    names = internals.list_outputs()
+    try:
+        _, out_types, _ = internals.infer_type_partial(**(dtypes or {}))
+    except mx.MXNetError as err:
+        raise ValueError("could not infer the graph's dtypes from %r: %s"
+                         % (dtypes, str(err).splitlines()[0])) from None
+    out_shapes = [None] * len(names)
+    if shapes:
+        try:
+            _, out_shapes, _ = internals.infer_shape_partial(**shapes)
+        except mx.MXNetError as err:
+            raise ValueError("could not infer the graph's shapes from %r: %s"
+                             % (shapes, str(err).splitlines()[0])) from None
+    by_name = dict(zip(names, zip(out_shapes, out_types)))
+    found = {}
+    for i in ours:
+        # A Custom node's single output is listed as "<name>_output".
+        shape, dtype = by_name.get(nodes[i]["name"] + "_output", (None, None))
+        # Legacy (non-numpy) shape semantics: rank 0 means "unknown".
+        rank = len(shape) if shape else None
+        found[i] = (rank, None if dtype is None else np.dtype(dtype))
+    return found
+
+
+def _native_nodes(node, rank, dtype):
+    """The built-in replacement for one of our nodes: a list of nodes whose
+    inputs are ``("in", k)`` for the k-th input of ``node`` or ``("new", j)``
+    for output 0 of the j-th node of the list; the last one replaces it.
+    """
+    name = node["name"]
+    attrs = node.get("attrs", {})
+    eps = _params.parse_eps(attrs.get("eps", "0.001"))
+    axis = _params.parse_axis(attrs.get("axis", "1"))
+    if dtype is not None and dtype != np.float32:
+        raise TypeError("node %r computes in %s, but MXNet's built-in InstanceNorm "
+                        "computes float32 only; cast the model to float32 before "
+                        "export_native/to_native" % (name, dtype))
+    if len(node.get("inputs", [])) != 3:
+        raise ValueError("node %r has %d inputs, expected 3 (data, gamma, beta)"
+                         % (name, len(node.get("inputs", []))))
+    if rank is not None:
+        if rank < 3:
+            raise ValueError("node %r: InstanceNorm needs data of rank >= 3, the "
+                             "graph gives it rank %d" % (name, rank))
+        # A known rank lets us write a non-negative axis, which other tools
+        # (MXNet's ONNX exporter for SwapAxis) require.
+        try:
+            axis = _params.normalize_axis(axis, rank)
+        except ValueError as err:
+            raise ValueError("node %r: %s" % (name, err)) from None
+    elif axis == 0:
+        raise ValueError("node %r: axis 0 is the batch axis" % (name,))
+    # Dunder attributes (profiler scope, ctx group...) stay with the node.
+    extra = {k: v for k, v in attrs.items() if k.startswith("__")}
+    norm_attrs = dict(extra, eps=repr(eps))
+    if axis == 1:
+        return [{"op": "InstanceNorm", "name": name, "attrs": norm_attrs,
+                 "inputs": [("in", 0), ("in", 1), ("in", 2)]}]
+    # SwapAxis accepts negative dims (it normalizes them by the input's rank
+    # at run time), so no rank is needed here.
+    swap = dict(extra, dim1="1", dim2=str(axis))
+    return [
+        {"op": "SwapAxis", "name": name + "_to_channel1", "attrs": dict(swap),
+         "inputs": [("in", 0)]},
+        {"op": "InstanceNorm", "name": name + "_native", "attrs": norm_attrs,
+         "inputs": [("new", 0), ("in", 1), ("in", 2)]},
+        {"op": "SwapAxis", "name": name, "attrs": dict(swap), "inputs": [("new", 1)]},
+    ]
+
+
+def to_native(symbol, shapes=None, dtypes=None):
+    """A copy of ``symbol`` with every mx_instnorm node replaced by MXNet's
+    built-in ``InstanceNorm`` (with ``SwapAxis`` around it for a channel axis
+    other than 1), so that it runs where ``mx_instnorm`` is not installed.
+
+    Parameters
+    ----------
+    symbol : Symbol
+        A graph containing ``Custom`` nodes with ``op_type`` :data:`OP_TYPE`;
+        other nodes, argument and auxiliary names are kept as they are.
+    shapes : dict of str to tuple, optional
+        Input shapes for ``infer_shape_partial``. When given, each node's
+        rank is checked and a negative axis is written as a non-negative one.
+        Without it a negative axis is kept (``SwapAxis`` resolves it at run
+        time).
+    dtypes : dict of str to dtype, optional
+        Input dtypes for ``infer_type_partial``; variables' own ``__dtype__``
+        attributes are used as well.
+
+    Returns
+    -------
+    Symbol
+        With the same arguments, auxiliary states and output names.
+
+    Raises
+    ------
+    TypeError
+        If a node of ours computes in float16 or float64 (the built-in
+        computes float32 only); the message names the node.
+    ValueError
+        If the shapes given make a node's axis or rank invalid, or
+        inference fails.
+
+    Examples
+    --------
+    >>> import mxnet as mx, mx_instnorm
+    >>> s = mx_instnorm.sym.InstanceNorm(mx.sym.var('x'), axis=-1, name='in1')
+    >>> native = mx_instnorm.to_native(s)
+    >>> sorted({n['op'] for n in __import__('json').loads(native.tojson())['nodes']})
+    ['InstanceNorm', 'SwapAxis', '_copy', 'null']
+    >>> native.list_arguments() == s.list_arguments()
+    True
+    """
+    if not isinstance(symbol, mx.sym.Symbol):
+        raise TypeError("to_native expects an mxnet Symbol, got %s"
+                        % type(symbol).__name__)
+    graph = json.loads(symbol.tojson())
+    nodes = graph["nodes"]
+    ours = [i for i, node in enumerate(nodes) if _is_ours(node)]
+    if not ours:
+        return mx.sym.load_json(symbol.tojson())
+    inferred = _infer(symbol, ours, nodes, shapes, dtypes)
+
+    new_nodes, index_of = [], {}
+
+    def remap(entry):
+        return [index_of[entry[0]]] + list(entry[1:])
+
+    for i, node in enumerate(nodes):
+        if i not in inferred:
+            node = dict(node, inputs=[remap(e) for e in node.get("inputs", [])])
+            index_of[i] = len(new_nodes)
+            new_nodes.append(node)
+            continue
+        rank, dtype = inferred[i]
+        inputs = [remap(e) for e in node["inputs"]]
+        first = len(new_nodes)
+        for spec in _native_nodes(node, rank, dtype):
+            spec["inputs"] = [inputs[k] if kind == "in" else [first + k, 0, 0]
+                              for kind, k in spec["inputs"]]
+            new_nodes.append(spec)
+        # Only output 0 of our node is visible, and the replacement's last
+        # node provides it.
+        index_of[i] = len(new_nodes) - 1
+
+    native_graph = {
+        "nodes": new_nodes,
+        "arg_nodes": [i for i, n in enumerate(new_nodes) if n["op"] == "null"],
+        "heads": [remap(e) for e in graph["heads"]],
+        "attrs": graph.get("attrs", {}),
+    }
+    native = mx.sym.load_json(json.dumps(native_graph))
+    # The rewrite must not change the interface: a broken promise here would
+    # surface much later as a parameter that silently fails to load.
+    for what in ("list_arguments", "list_auxiliary_states", "list_outputs"):
+        if getattr(native, what)() != getattr(symbol, what)():
+            raise RuntimeError("to_native changed %s: %s -> %s (a bug in mx_instnorm)"
+                               % (what, getattr(symbol, what)(), getattr(native, what)()))
+    return native
+
+
+def export_native(block, path, epoch=0, remove_amp_cast=True):
+    """``block.export(path, epoch)`` with the graph rewritten by
+    :func:`to_native`: the files load and run without ``mx_instnorm``.
+
+    Writes ``path-symbol.json`` and ``path-%04d.params`` (parameters saved
+    as ``arg:<name>``/``aux:<name>``, exactly as ``HybridBlock.export``
+    saves them), loadable with ``gluon.SymbolBlock.imports`` or
+    ``mx.mod.Module``.
+
+    Parameters
+    ----------
+    block : HybridBlock
+        Hybridized and run forward at least once (as ``export`` requires).
+    path : str
+        Prefix of the two files.
+    epoch : int, default 0
+    remove_amp_cast : bool, default True
+        Passed to ``Symbol.save``, as ``export`` does.
+
+    Returns
+    -------
+    (str, str)
+        The symbol file and the parameter file written.
+
+    Raises
+    ------
+    TypeError
+        If ``block`` is not a HybridBlock, or a node of ours computes in a
+        dtype other than float32 (named in the message). Nothing is written.
+    RuntimeError
+        If the block was not hybridized and run. Nothing is written.
+
+    Examples
+    --------
+    >>> import os, tempfile, mxnet as mx, mx_instnorm
+    >>> net = mx_instnorm.gluon.InstanceNorm(axis=-1, in_channels=4)
+    >>> net.initialize(); net.hybridize()
+    >>> y = net(mx.nd.random.uniform(shape=(2, 3, 4)))
+    >>> prefix = os.path.join(tempfile.mkdtemp(), 'model')
+    >>> sym_file, params_file = mx_instnorm.export_native(net, prefix)
+    >>> loaded = mx.gluon.SymbolBlock.imports(sym_file, ['data'], params_file)
+    >>> x = mx.nd.random.uniform(shape=(2, 3, 4))
+    >>> bool(abs(loaded(x) - net(x)).max() < 1e-5)
+    True
+    """
+    if not isinstance(block, mx.gluon.HybridBlock):
+        raise TypeError("export_native expects a HybridBlock, got %s"
+                        % type(block).__name__)
+    if not block._cached_graph:
+        raise RuntimeError("export_native needs the graph of %s: call "
+                           "block.hybridize() and run it forward once first "
+                           "(as HybridBlock.export does)" % block.name)
+    symbol = block._cached_graph[1]
+    arguments = set(symbol.list_arguments()) | set(symbol.list_auxiliary_states())
+    dtypes = {p.name: np.dtype(p.dtype) for p in block.collect_params().values()
+              if p.name in arguments}
+    # Rewrite first, so that a refusal leaves no half-written files behind.
+    native = to_native(symbol, dtypes=dtypes)
+    # MXNet's own export writes the parameters (names, arg:/aux: split); the
+    # rewritten graph then replaces the symbol file it wrote.
+    block.export(path, epoch, remove_amp_cast=remove_amp_cast)
+    sym_file = "%s-symbol.json" % path
+    native.save(sym_file, remove_amp_cast=remove_amp_cast)
+    return sym_file, "%s-%04d.params" % (path, epoch)
