@@ -1,0 +1,157 @@
+"""Shared references, tolerances and fixtures for the mx_instnorm tests.
+
+The references here are written from the formula alone, in float64 NumPy,
+and never call mx_instnorm: every test compares the code under test with
+one of them, with MXNet's built-in InstanceNorm (float32, axis=1), with
+finite differences, or with the documented examples.
+"""
+import warnings
+
+import numpy as np
+import pytest
+
+with warnings.catch_warnings():
+    # MXNet 1.9.1's own import-time DeprecationWarnings (NumPy aliases,
+    # distutils): not ours, and they bury the test report.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import mxnet as mx
+
+import mx_instnorm  # noqa: F401  (registers the CustomOp)
+
+DTYPES = (np.float16, np.float32, np.float64)
+
+# One tolerance table, keyed by dtype: (rtol, atol) for comparing the code
+# under test with the float64 reference evaluated on the same (already
+# rounded) inputs. Values are normalized (O(1)) or sums of O(1) terms.
+TOL = {
+    # float64 computes in float64: only accumulation-order noise is left.
+    np.dtype(np.float64): dict(rtol=1e-12, atol=1e-12),
+    # float32 accumulates in float32 over up to a few thousand elements
+    # per instance: about 1e-6 relative error, 1e-5 leaves a margin.
+    np.dtype(np.float32): dict(rtol=1e-5, atol=1e-5),
+    # float16 results are rounded to float16 (unit roundoff 4.9e-4), and
+    # float16 inputs to a later stage (dy in a chain) carry that rounding
+    # too: a few float16 ulps of an O(1) value.
+    np.dtype(np.float16): dict(rtol=2e-3, atol=2e-3),
+}
+
+# Comparisons with MXNet's built-in float32 InstanceNorm: both sides carry
+# float32 rounding (the built-in its own one-pass statistics), so the
+# difference is up to about twice float32 noise on O(1) values, a little
+# more on gradients, which sum over whole instances.
+BUILTIN_TOL = dict(rtol=1e-4, atol=1e-4)
+
+# Shapes (rank 3 to 5, odd sizes) with a channel axis each.
+SHAPES_AXES = [
+    ((3, 5, 7), 1),
+    ((3, 5, 7), 2),
+    ((3, 5, 7), -1),
+    ((2, 3, 1, 9), 1),
+    ((2, 3, 1, 9), 2),
+    ((2, 3, 4, 5), 3),
+    ((2, 3, 4, 5, 6), 1),
+    ((2, 3, 4, 5, 6), 2),   # a middle axis of a rank-5 tensor
+    ((2, 3, 4, 5, 6), -1),
+]
+
+# Rank 3-5, odd sizes, channel axis 1: what the built-in accepts.
+BUILTIN_SHAPES = [(3, 5, 7), (2, 3, 1, 9), (2, 3, 5, 7), (2, 3, 4, 5, 3)]
+
+
+def tol(dtype):
+    """The tolerance entry for ``dtype``."""
+    return TOL[np.dtype(dtype)]
+
+
+def assert_close(got, want, dtype, err_msg=""):
+    """``got`` (any dtype) against a float64 reference, at ``dtype``'s
+    tolerance; NaN must match NaN."""
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                               err_msg=err_msg, **tol(dtype))
+
+
+# --------------------------------------------------------------- reference --
+
+def _axes(ndim, axis):
+    axis = axis % ndim
+    return axis, tuple(i for i in range(1, ndim) if i != axis)
+
+
+def _pshape(ndim, axis, channels):
+    shape = [1] * ndim
+    shape[axis] = channels
+    return shape
+
+
+def ref_forward(x, gamma, beta, eps, axis=1):
+    """Naive float64 instance norm: returns ``(y, mean, var)``; mean/var keep
+    the reduced axes (size 1)."""
+    x = np.asarray(x, np.float64)
+    axis, red = _axes(x.ndim, axis)
+    mean = x.mean(axis=red, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=red, keepdims=True)
+    ps = _pshape(x.ndim, axis, x.shape[axis])
+    g = np.asarray(gamma, np.float64).reshape(ps)
+    b = np.asarray(beta, np.float64).reshape(ps)
+    y = (x - mean) / np.sqrt(var + eps) * g + b
+    return y, mean, var
+
+
+def ref_backward(dy, x, gamma, eps, axis=1):
+    """Closed-form float64 gradients ``(dx, dgamma, dbeta)`` of
+    ``sum(dy * y)``."""
+    x = np.asarray(x, np.float64)
+    dy = np.asarray(dy, np.float64)
+    axis, red = _axes(x.ndim, axis)
+    m = int(np.prod([x.shape[i] for i in red]))
+    mean = x.mean(axis=red, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=red, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mean) * rstd
+    ps = _pshape(x.ndim, axis, x.shape[axis])
+    g = np.asarray(gamma, np.float64).reshape(ps)
+    not_c = tuple(i for i in range(x.ndim) if i != axis)
+    dbeta = dy.sum(axis=not_c)
+    dgamma = (dy * xhat).sum(axis=not_c)
+    dxhat = dy * g
+    dx = rstd / m * (m * dxhat - dxhat.sum(axis=red, keepdims=True)
+                     - xhat * (dxhat * xhat).sum(axis=red, keepdims=True))
+    return dx, dgamma, dbeta
+
+
+def random_inputs(rng, shape, axis, dtype, param_dtype=None):
+    """Random, non-constant data with a per-instance offset and scale, and
+    random gamma (away from 0) and beta, already rounded to their dtypes."""
+    param_dtype = dtype if param_dtype is None else param_dtype
+    axis = axis % len(shape)
+    c = shape[axis]
+    x = rng.standard_normal(shape) * rng.uniform(0.5, 2.0) + rng.uniform(-3, 3)
+    gamma = rng.uniform(0.5, 1.5, c) * rng.choice([-1.0, 1.0], c)
+    beta = rng.standard_normal(c)
+    return x.astype(dtype), gamma.astype(param_dtype), beta.astype(param_dtype)
+
+
+# ---------------------------------------------------------------- fixtures --
+
+@pytest.fixture
+def rng():
+    """A seeded generator, fresh for each test."""
+    return np.random.default_rng(20240611)
+
+
+@pytest.fixture(autouse=True)
+def _seed_mxnet():
+    mx.random.seed(1234)
+    yield
+
+
+@pytest.fixture(params=["fast", "generic"])
+def path(request, monkeypatch):
+    """Runs the test under each computation path. The path is chosen per
+    ``create_operator`` call, so setting the variable here is enough."""
+    if request.param == "generic":
+        monkeypatch.setenv("MX_INSTNORM_PATH", "generic")
+    else:
+        monkeypatch.delenv("MX_INSTNORM_PATH", raising=False)
+    assert mx_instnorm.operator.selected_path("cpu") == request.param
+    return request.param
