@@ -63,9 +63,17 @@ The code keeps ``d = x - mu`` rather than ``x_hat = r d``; with
 ``k = gamma * rstd`` it computes ``dx = k g - (k r c2) d - k c1`` where
 ``c2 = r * sum(g d) / M``.
 
+Two implementations
+-------------------
+The block maths below is NumPy. When Numba imports (the optional ``numba``
+extra), float32 and float64 blocks run instead through the fused loops of
+:mod:`mx_instnorm.kernel._numba` (same formulas, each block read from memory
+once); float16 always takes the NumPy path. ``MX_INSTNORM_KERNEL=numpy``
+forces NumPy, ``numba`` requires Numba, ``auto`` (default) picks.
+
 Determinism
 -----------
-Every instance is reduced by the same NumPy calls in the same order whatever
+Every instance is reduced by the same calls in the same order whatever
 the block size or thread count, and the per-channel parameter gradients are
 summed over the batch in batch order after all blocks are done, so results
 are bitwise identical for every ``num_threads`` and ``block_bytes``.
@@ -111,6 +119,37 @@ DEFAULT_BLOCK_BYTES = 256 * 1024
 _PARALLEL_MIN_BYTES = 512 * 1024
 
 _REQS = ("write", "add", "null")
+
+_KERNELS = ("auto", "numpy", "numba")
+_numba_module = None
+_numba_failed = False
+
+
+def _fused():
+    """The optional Numba loops (:mod:`._numba`), or None for the NumPy path.
+
+    ``MX_INSTNORM_KERNEL=numpy`` forces NumPy; ``auto`` (the default) uses
+    Numba when it imports; ``numba`` requires it.
+    """
+    global _numba_module, _numba_failed
+    choice = os.environ.get("MX_INSTNORM_KERNEL", "auto").strip().lower() or "auto"
+    if choice not in _KERNELS:
+        raise ValueError("MX_INSTNORM_KERNEL must be one of %s, got %r"
+                         % (", ".join(_KERNELS), choice))
+    if choice == "numpy":
+        return None
+    if _numba_module is None and not _numba_failed:
+        try:
+            from . import _numba as module
+        except ImportError:
+            _numba_failed = True
+            if choice == "numba":
+                raise
+        else:
+            _numba_module = module
+    if choice == "numba" and _numba_module is None:
+        raise ImportError("MX_INSTNORM_KERNEL=numba but numba does not import")
+    return _numba_module
 
 
 def accumulation_dtype(dtype):
@@ -431,10 +470,17 @@ class _Plan:
             return None
         return view[task[0]:task[1]] if self.red == 1 else view[task]
 
-    def params(self, vec, task):
-        """The per-channel vector as the instances of ``task`` need it."""
+    def per_instance(self, vec):
+        """A per-channel vector laid out as the tasks' instances need it
+        (tiled over the batch for rows), computed once per call."""
         if self.red == 1:
-            return vec[np.arange(task[0], task[1]) % self.c]
+            return np.tile(vec, self.n)
+        return np.ascontiguousarray(vec)
+
+    def params(self, vec, task):
+        """The slice of :meth:`per_instance` ``task`` needs."""
+        if self.red == 1:
+            return vec[task[0]:task[1]]
         return vec
 
     def stat_index(self, task):
@@ -541,11 +587,24 @@ def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
         np.copyto(y_target, out)
     yv = plan.view(y_target)
 
-    def work(task):
-        idx = plan.stat_index(task)
-        mean[idx], rstd[idx] = _forward_block(
-            plan.block(xv, task), plan.block(yv, task), plan.red,
-            plan.params(gamma, task), plan.params(beta, task), eps, acc, req)
+    gam, bet = plan.per_instance(gamma), plan.per_instance(beta)
+    fused = _fused() if x.dtype == acc else None
+    if fused is not None:
+        loop = fused.forward_rows if plan.red == 1 else fused.forward_slab
+        write_y, add = yv is not None, req == "add"
+
+        def work(task):
+            idx = plan.stat_index(task)
+            xb = plan.block(xv, task)
+            loop(xb, xb if yv is None else plan.block(yv, task),
+                 plan.params(gam, task), plan.params(bet, task), eps,
+                 mean[idx], rstd[idx], write_y, add)
+    else:
+        def work(task):
+            idx = plan.stat_index(task)
+            mean[idx], rstd[idx] = _forward_block(
+                plan.block(xv, task), plan.block(yv, task), plan.red,
+                plan.params(gam, task), plan.params(bet, task), eps, acc, req)
 
     _run_parallel(work, plan.tasks, num_threads, x.nbytes)
     if y_target is not out and out is not None:
@@ -660,11 +719,26 @@ def instance_norm_backward(dy, x, gamma, mean=None, rstd=None, eps=1e-3, axis=1,
             np.copyto(dx_target, dx)
         dxv = plan.view(dx_target)
 
-        def work(task):
-            idx = plan.stat_index(task)
-            sum_g[idx], sum_gxhat[idx] = _backward_block(
-                plan.block(xv, task), plan.block(gv, task), plan.block(dxv, task),
-                plan.red, plan.params(gam, task), mean[idx], rstd[idx], acc, dx_req)
+        gam_i = plan.per_instance(gam)
+        fused = _fused() if x.dtype == acc else None
+        if fused is not None:
+            loop = fused.backward_rows if plan.red == 1 else fused.backward_slab
+            write_dx, add = dxv is not None, dx_req == "add"
+
+            def work(task):
+                idx = plan.stat_index(task)
+                xb = plan.block(xv, task)
+                loop(xb, plan.block(gv, task),
+                     xb if dxv is None else plan.block(dxv, task),
+                     plan.params(gam_i, task), mean[idx], rstd[idx],
+                     sum_g[idx], sum_gxhat[idx], write_dx, add)
+        else:
+            def work(task):
+                idx = plan.stat_index(task)
+                sum_g[idx], sum_gxhat[idx] = _backward_block(
+                    plan.block(xv, task), plan.block(gv, task), plan.block(dxv, task),
+                    plan.red, plan.params(gam_i, task), mean[idx], rstd[idx], acc,
+                    dx_req)
 
         _run_parallel(work, plan.tasks, num_threads, x.nbytes)
         if dx_target is not dx and dx is not None:
