@@ -1,0 +1,619 @@
+"""Benchmark: mx_instnorm against MXNet's built-in InstanceNorm, PyTorch,
+ONNX Runtime and a memcpy of the same tensor.
+
+Run ``python -m mx_instnorm.bench`` (see docs/benchmarks.md). Every case is
+timed in one process with the providers interleaved (one call of each in
+turn, the order rotated every round), after warm-up; the table shows
+medians. Instance norm is memory-bound, so throughput is reported in GB/s:
+
+* forward moves ``2 * nbytes`` (read x, write y);
+* forward+backward moves ``5 * nbytes`` (the forward's, plus read x and dy
+  and write dx);
+* the memcpy floor of a mode is ``np.copyto`` of the tensor scaled to the
+  mode's bytes (one copy moves ``2 * nbytes``).
+
+While it runs, our output (and ``dx``) is checked against the built-in's;
+the run aborts with exit status 2 if they differ by more than 1e-4
+relative. Providers that do not import (torch, onnxruntime + onnx) are
+skipped. The tiny case reports per-call latency in microseconds, with an
+empty CustomOp (same arguments, does nothing) as the floor of any Python
+CustomOp.
+
+Flags
+-----
+--cases NAMES   comma-separated subset of the case names (see --list).
+--list          print the case names and exit.
+--repeat N      timed rounds per case and mode (default 15; 5 with --quick).
+--warmup N      untimed rounds first (default 2).
+--threads T     threads for our kernel (MX_INSTNORM_NUM_THREADS), PyTorch
+                (torch.set_num_threads) and ONNX Runtime (intra-op); default 2.
+--quick         smaller cases and fewer rounds: a CI smoke test (< 60 s).
+--plot FILE     save GB/s against tensor size per provider (forward) to
+                FILE; needs matplotlib (``pip install mx_instnorm[bench]``).
+--memory        also measure the peak RSS of one forward+backward, ours vs
+                the built-in, each in a fresh subprocess (ru_maxrss minus
+                the baseline after imports and tensor creation).
+--memory-case NAME   the case --memory uses (default: the first non-tiny).
+
+When Numba is installed our kernel runs its fused loops; the benchmark then
+also times ``ours-numpy`` (``MX_INSTNORM_KERNEL=numpy``).
+"""
+import argparse
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["main", "CASES", "QUICK_CASES"]
+
+EPS = 1e-3
+RTOL = 1e-4
+
+# name: (shape, channel axis)
+CASES = {
+    "1x64x256x256": ((1, 64, 256, 256), 1),
+    "16x128x64x64": ((16, 128, 64, 64), 1),
+    "32x256x16x16": ((32, 256, 16, 16), 1),
+    "8x64x32x32x32": ((8, 64, 32, 32, 32), 1),
+    "nhwc-16x64x64x128": ((16, 64, 64, 128), -1),
+    "tiny-2x1x2": ((2, 1, 2), 1),
+}
+QUICK_CASES = {
+    "2x16x64x64": ((2, 16, 64, 64), 1),
+    "8x64x16x16": ((8, 64, 16, 16), 1),
+    "2x8x16x16x16": ((2, 8, 16, 16, 16), 1),
+    "nhwc-2x32x32x32": ((2, 32, 32, 32), -1),
+    "tiny-2x1x2": ((2, 1, 2), 1),
+}
+
+
+def _is_tiny(name):
+    return name.startswith("tiny")
+
+
+# ------------------------------------------------------------- providers --
+
+def _mx():
+    import mxnet as mx
+    return mx
+
+
+_EMPTY_OP = "mx_instnorm.bench.Empty"
+_empty_registered = False
+
+
+def _register_empty():
+    """An empty CustomOp with InstanceNorm's arguments: the floor of any
+    Python CustomOp's per-call cost."""
+    global _empty_registered
+    if _empty_registered:
+        return
+    mx = _mx()
+
+    class EmptyOp(mx.operator.CustomOp):
+        def forward(self, is_train, req, in_data, out_data, aux):
+            pass
+
+        def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+            pass
+
+    @mx.operator.register(_EMPTY_OP)
+    class EmptyProp(mx.operator.CustomOpProp):  # noqa: F841 - registered
+        def __init__(self):
+            super().__init__(need_top_grad=True)
+
+        def list_arguments(self):
+            return ["data", "gamma", "beta"]
+
+        def list_outputs(self):
+            return ["output"]
+
+        def infer_shape(self, in_shape):
+            return in_shape, [in_shape[0]], []
+
+        def create_operator(self, ctx, shapes, dtypes):
+            return EmptyOp()
+
+    _empty_registered = True
+
+
+class _Inputs:
+    """One case's tensors, shared by every provider."""
+
+    def __init__(self, shape, axis, seed=0):
+        mx = _mx()
+        rng = np.random.RandomState(seed)
+        self.shape, self.axis = shape, axis
+        self.channels = shape[axis]
+        self.x_np = (rng.randn(*shape) * 2 + 1).astype(np.float32)
+        self.dy_np = rng.randn(*shape).astype(np.float32)
+        self.g_np = (rng.rand(self.channels) + 0.5).astype(np.float32)
+        self.b_np = rng.randn(self.channels).astype(np.float32)
+        self.x = mx.nd.array(self.x_np)
+        self.dy = mx.nd.array(self.dy_np)
+        self.g = mx.nd.array(self.g_np)
+        self.b = mx.nd.array(self.b_np)
+        self.nbytes = self.x_np.nbytes
+
+
+def _nd_callables(inp, fn_fwd):
+    """(forward, forward+backward) closures for an nd-level function."""
+    mx = _mx()
+    x = inp.x.copy()
+    g, b = inp.g.copy(), inp.b.copy()
+    for arr in (x, g, b):
+        arr.attach_grad()
+    dy = inp.dy
+
+    def fwd():
+        y = fn_fwd(inp.x, inp.g, inp.b)
+        y.wait_to_read()
+        return y
+
+    def fwdbwd():
+        with mx.autograd.record():
+            y = fn_fwd(x, g, b)
+        y.backward(dy)
+        x.grad.wait_to_read()
+        g.grad.wait_to_read()
+        return x.grad
+
+    return fwd, fwdbwd
+
+
+def _builtin_nd(inp):
+    mx = _mx()
+    if inp.axis in (1, 1 - len(inp.shape)):
+        return _nd_callables(inp, lambda x, g, b: mx.nd.InstanceNorm(x, g, b, eps=EPS))
+    # What mxnet.gluon.nn.InstanceNorm(axis=-1) does: swap to channels first.
+    axis = inp.axis
+
+    def f(x, g, b):
+        return mx.nd.InstanceNorm(x.swapaxes(1, axis), g, b, eps=EPS).swapaxes(1, axis)
+    return _nd_callables(inp, f)
+
+
+def _ours_nd(inp):
+    from mx_instnorm.nd import InstanceNorm
+    return _nd_callables(inp, lambda x, g, b: InstanceNorm(x, g, b, eps=EPS, axis=inp.axis))
+
+
+def _empty_nd(inp):
+    mx = _mx()
+    _register_empty()
+    return _nd_callables(inp, lambda x, g, b: mx.nd.Custom(x, g, b, op_type=_EMPTY_OP))
+
+
+def _gluon_fwdbwd(inp, block):
+    mx = _mx()
+    block.initialize(ctx=mx.cpu())
+    block.hybridize()
+    x = inp.x.copy()
+    x.attach_grad()
+    with mx.autograd.record():
+        block(x)  # deferred init and graph build, outside the timings
+
+    def run():
+        with mx.autograd.record():
+            y = block(x)
+        y.backward(inp.dy)
+        x.grad.wait_to_read()
+        return x.grad
+    return run
+
+
+def _gluon_pair(inp):
+    from mxnet.gluon import nn
+    from mx_instnorm.gluon import InstanceNorm
+    kw = dict(axis=inp.axis, epsilon=EPS, scale=True, center=True)
+    return (_gluon_fwdbwd(inp, InstanceNorm(**kw)),
+            _gluon_fwdbwd(inp, nn.InstanceNorm(**kw)))
+
+
+def _torch(inp, threads):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    fn = torch.nn.functional.instance_norm
+    xt = torch.from_numpy(inp.x_np.copy())
+    if inp.axis not in (1, 1 - len(inp.shape)):
+        xt = xt.movedim(inp.axis, 1)  # a view: NHWC memory, channels_last
+    gt, bt = torch.from_numpy(inp.g_np), torch.from_numpy(inp.b_np)
+    dyt = torch.from_numpy(inp.dy_np.copy())
+    if inp.axis not in (1, 1 - len(inp.shape)):
+        dyt = dyt.movedim(inp.axis, 1)
+    xg = xt.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    gg = gt.clone().requires_grad_(True)
+    bg = bt.clone().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            return fn(xt, weight=gt, bias=bt, eps=EPS)
+
+    def fwdbwd():
+        xg.grad = gg.grad = bg.grad = None
+        fn(xg, weight=gg, bias=bg, eps=EPS).backward(dyt)
+        return xg.grad
+    return fwd, fwdbwd
+
+
+def _onnxruntime(inp, threads):
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    ndim = len(inp.shape)
+    axis = inp.axis % ndim
+    nodes, src = [], "x"
+    if axis != 1:
+        perm = [0, axis] + [i for i in range(1, ndim) if i != axis]
+        nodes.append(helper.make_node("Transpose", ["x"], ["xt"], perm=perm))
+        src = "xt"
+    out = "y" if axis == 1 else "yt"
+    nodes.append(helper.make_node("InstanceNormalization", [src, "scale", "bias"],
+                                  [out], epsilon=EPS))
+    if axis != 1:
+        inv = list(np.argsort(perm))
+        nodes.append(helper.make_node("Transpose", ["yt"], ["y"], perm=inv))
+    graph = helper.make_graph(
+        nodes, "instancenorm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(inp.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(inp.shape))],
+        initializer=[helper.make_tensor("scale", TensorProto.FLOAT, [inp.channels],
+                                        inp.g_np.tolist()),
+                     helper.make_tensor("bias", TensorProto.FLOAT, [inp.channels],
+                                        inp.b_np.tolist())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    feed = {"x": inp.x_np}
+    return lambda: sess.run(None, feed)[0]
+
+
+def _memcpy(inp):
+    src = inp.x_np
+    dst = np.empty_like(src)
+    return lambda: np.copyto(dst, src)
+
+
+# ---------------------------------------------------------------- timing --
+
+def _time_interleaved(fns, repeat, warmup):
+    """Median seconds per call for each of ``fns`` (a dict), interleaved."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    samples = {name: [] for name in names}
+    for r in range(repeat):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(s)) for name, s in samples.items()}
+
+
+def _with_kernel(kernel, fn):
+    """``fn`` run with MX_INSTNORM_KERNEL set to ``kernel`` for the call."""
+    def run():
+        old = os.environ.get("MX_INSTNORM_KERNEL")
+        os.environ["MX_INSTNORM_KERNEL"] = kernel
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["MX_INSTNORM_KERNEL"]
+            else:
+                os.environ["MX_INSTNORM_KERNEL"] = old
+    return run
+
+
+def _has_numba():
+    try:
+        from mx_instnorm.kernel import instance_norm as k
+        return k._fused() is not None
+    except ImportError:
+        return False
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _check(name, what, ours, ref):
+    ours = ours.asnumpy() if hasattr(ours, "asnumpy") else np.asarray(ours)
+    ref = ref.asnumpy() if hasattr(ref, "asnumpy") else np.asarray(ref)
+    err = np.abs(ours - ref) / (1.0 + np.abs(ref))
+    worst = float(err.max()) if err.size else 0.0
+    if not worst <= RTOL:
+        raise _Mismatch("%s %s: ours differs from the built-in by %.3g relative "
+                        "(limit %g)" % (name, what, worst, RTOL))
+
+
+def _bench_case(name, shape, axis, args, has_numba):
+    """Rows ``(case, mode, provider, seconds, bytes)`` for one case."""
+    inp = _Inputs(shape, axis)
+    rows = []
+    ours_f, ours_fb = _ours_nd(inp)
+    bi_f, bi_fb = _builtin_nd(inp)
+    _check(name, "forward y", ours_f(), bi_f())
+    _check(name, "backward dx", ours_fb(), bi_fb())
+
+    fwd = {"ours": ours_f, "builtin": bi_f}
+    fb = {"ours": ours_fb, "builtin": bi_fb}
+    if has_numba:
+        fwd["ours-numpy"] = _with_kernel("numpy", ours_f)
+        fb["ours-numpy"] = _with_kernel("numpy", ours_fb)
+        _check(name, "numpy forward y", fwd["ours-numpy"](), bi_f())
+    if _is_tiny(name):
+        emp_f, emp_fb = _empty_nd(inp)
+        fwd["empty-customop"] = emp_f
+        fb["empty-customop"] = emp_fb
+    torch_fns = None if _is_tiny(name) and not args.tiny_all else _torch(inp, args.threads)
+    if torch_fns is not None:
+        fwd["torch"], fb["torch"] = torch_fns
+    ort_fn = _onnxruntime(inp, args.threads)
+    if ort_fn is not None:
+        _check(name, "onnxruntime y", ort_fn(), bi_f())
+        fwd["onnxruntime"] = ort_fn
+    fwd["memcpy"] = _memcpy(inp)
+
+    nb = inp.nbytes
+    for mode, fns, nbytes in (("fwd", fwd, 2 * nb), ("fwd+bwd", fb, 5 * nb)):
+        times = _time_interleaved(fns, args.repeat, args.warmup)
+        if mode == "fwd+bwd":
+            times["memcpy"] = rows_memcpy * 5 / 2
+        else:
+            rows_memcpy = times["memcpy"]
+        for prov, sec in times.items():
+            rows.append((name, mode, prov, sec, nbytes))
+    ours_g, bi_g = _gluon_pair(inp)
+    times = _time_interleaved({"ours": ours_g, "builtin": bi_g}, args.repeat, args.warmup)
+    for prov, sec in times.items():
+        rows.append((name, "gluon fwd+bwd", prov, sec, 5 * nb))
+    rows.append((name, "gluon fwd+bwd", "memcpy", rows_memcpy * 5 / 2, 5 * nb))
+    return rows
+
+
+# ---------------------------------------------------------------- report --
+
+def _fmt_ratio(num, den):
+    return "%.2fx" % (den / num) if num and den else "-"
+
+
+def _table(rows):
+    """The table's lines. Ratios are speed-ups of this row's provider:
+    ``vs builtin`` = built-in time / this time (> 1: faster than it)."""
+    ref = {}
+    for case, mode, prov, sec, _ in rows:
+        ref[(case, mode, prov)] = sec
+    head = "%-19s %-14s %-15s %10s %8s %10s %9s %10s" % (
+        "case", "mode", "provider", "time", "GB/s", "vs builtin", "vs torch", "vs memcpy")
+    lines = [head, "-" * len(head)]
+    for case, mode, prov, sec, nbytes in rows:
+        tiny = _is_tiny(case)
+        t = ("%8.1f us" % (sec * 1e6)) if tiny else ("%8.3f ms" % (sec * 1e3))
+        gbs = "-" if tiny else "%.2f" % (nbytes / sec / 1e9)
+        bi = ref.get((case, mode, "builtin"))
+        to = ref.get((case, mode, "torch"))
+        mc = ref.get((case, mode, "memcpy"))
+        lines.append("%-19s %-14s %-15s %10s %8s %10s %9s %10s" % (
+            case, mode, prov, t, gbs,
+            _fmt_ratio(sec, bi) if prov != "builtin" else "",
+            _fmt_ratio(sec, to) if to and prov != "torch" else "",
+            _fmt_ratio(sec, mc) if mc and prov != "memcpy" else ""))
+    return lines
+
+
+def _geomean(values):
+    values = [v for v in values if v and v > 0]
+    if not values:
+        return float("nan")
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _summary(rows):
+    t = {(c, m, p): s for c, m, p, s, _ in rows}
+    cases = sorted({c for c, *_ in rows if not _is_tiny(c)})
+    parts = []
+    for mode in ("fwd", "fwd+bwd", "gluon fwd+bwd"):
+        for other, label in (("builtin", "builtin"), ("torch", "torch"),
+                             ("memcpy", "memcpy")):
+            ratios = [t[(c, mode, other)] / t[(c, mode, "ours")] for c in cases
+                      if (c, mode, other) in t and (c, mode, "ours") in t]
+            if ratios:
+                g = _geomean(ratios)
+                if other == "memcpy":
+                    parts.append("%s %.2fx memcpy time" % (mode, 1 / g))
+                else:
+                    parts.append("%s %.1fx faster than %s" % (mode, g, label))
+    lines = ["geomean over %d non-tiny cases (ours): %s" % (len(cases), "; ".join(parts))]
+    for c in sorted({c for c, *_ in rows if _is_tiny(c)}):
+        for mode in ("fwd", "fwd+bwd"):
+            o, b, e = (t.get((c, mode, p)) for p in ("ours", "builtin", "empty-customop"))
+            if o and e:
+                lines.append("%s %s latency: ours %.1f us, builtin %.1f us, empty "
+                             "CustomOp %.1f us (ours/empty %.2f; target <= 1.20)"
+                             % (c, mode, o * 1e6, (b or 0) * 1e6, e * 1e6, o / e))
+    return lines
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'mx_instnorm[bench]' "
+                         "(or pip install matplotlib)")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    provs = sorted({p for c, m, p, *_ in rows if m == "fwd" and not _is_tiny(c)})
+    for prov in provs:
+        pts = sorted((nb / 2, nb / s / 1e9) for c, m, p, s, nb in rows
+                     if m == "fwd" and p == prov and not _is_tiny(c))
+        ax.plot([p[0] / 2 ** 20 for p in pts], [p[1] for p in pts], "o-", label=prov)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tensor size (MiB)")
+    ax.set_ylabel("forward throughput (GB/s, read x + write y)")
+    ax.set_title("InstanceNorm forward, float32")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    print("plot written to %s" % path)
+
+
+# ---------------------------------------------------------------- memory --
+
+def _memory_child(provider, case, cases):
+    """In a fresh process: peak RSS growth of one forward+backward."""
+    shape, axis = cases[case]
+    inp = _Inputs(shape, axis)
+    if provider == "ours":
+        _, fb = _ours_nd(inp)
+    elif provider == "ours-numpy":
+        os.environ["MX_INSTNORM_KERNEL"] = "numpy"
+        _, fb = _ours_nd(inp)
+    else:
+        _, fb = _builtin_nd(inp)
+    _mx().nd.waitall()
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fb()
+    _mx().nd.waitall()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print("MEMORY_KIB %d" % (peak - base))
+
+
+def _memory(case, args, has_numba):
+    provs = ["ours", "builtin"] + (["ours-numpy"] if has_numba else [])
+    out = []
+    for prov in provs:
+        cmd = [sys.executable, "-m", "mx_instnorm.bench", "--_memory-child",
+               prov, case] + (["--quick"] if args.quick else [])
+        env = dict(os.environ, MX_INSTNORM_NUM_THREADS=str(args.threads))
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        kib = [ln for ln in res.stdout.splitlines() if ln.startswith("MEMORY_KIB")]
+        if res.returncode or not kib:
+            raise SystemExit("memory child for %s failed:\n%s" % (prov, res.stderr[-2000:]))
+        out.append((prov, int(kib[0].split()[1])))
+    return out
+
+
+# ------------------------------------------------------------------ main --
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m mx_instnorm.bench",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", help="comma-separated case names (see --list)")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--repeat", type=int, help="timed rounds (default 15, 5 with --quick)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="threads (default 2)")
+    p.add_argument("--quick", action="store_true", help="small cases, few rounds (CI)")
+    p.add_argument("--plot", metavar="FILE", help="save a GB/s plot (needs matplotlib)")
+    p.add_argument("--memory", action="store_true", help="peak RSS of fwd+bwd")
+    p.add_argument("--memory-case", help="case for --memory (default: first non-tiny)")
+    p.add_argument("--tiny-all", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_memory-child", nargs=2, dest="memory_child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error("--threads must be >= 1, got %d" % args.threads)
+    if args.repeat is None:
+        args.repeat = 5 if args.quick else 15
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1, got %d" % args.repeat)
+    return p, args
+
+
+def main(argv=None):
+    parser, args = _parse(argv)
+    os.environ["MX_INSTNORM_NUM_THREADS"] = str(args.threads)
+    cases = QUICK_CASES if args.quick else CASES
+    if args.memory_child:
+        import mx_instnorm  # noqa: F401 - registers the op
+        _memory_child(args.memory_child[0], args.memory_child[1], cases)
+        return 0
+    if args.list:
+        for name, (shape, axis) in cases.items():
+            print("%-20s shape %s axis %d" % (name, shape, axis))
+        return 0
+    names = list(cases)
+    if args.cases:
+        names = [n.strip() for n in args.cases.split(",") if n.strip()]
+        unknown = [n for n in names if n not in cases]
+        if unknown:
+            parser.error("unknown case(s) %s; choose from %s"
+                         % (", ".join(unknown), ", ".join(cases)))
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'mx_instnorm[bench]'")
+
+    import mxnet as mx
+    import mx_instnorm  # noqa: F401 - registers the op
+    has_numba = _has_numba()
+    providers = ["ours", "builtin"] + (["ours-numpy"] if has_numba else [])
+    try:
+        import torch
+        providers.append("torch %s" % torch.__version__)
+    except ImportError:
+        pass
+    try:
+        import onnxruntime
+        import onnx  # noqa: F401
+        providers.append("onnxruntime %s (forward only)" % onnxruntime.__version__)
+    except ImportError:
+        pass
+    print("mx_instnorm %s, mxnet %s, numpy %s; threads %d; repeat %d (medians, "
+          "interleaved, %d warm-up)" % (mx_instnorm.__version__, mx.__version__,
+                                        np.__version__, args.threads, args.repeat,
+                                        args.warmup))
+    print("providers: " + ", ".join(providers))
+    print("bytes: fwd = read x + write y (2 x nbytes); fwd+bwd = fwd + read x, dy "
+          "+ write dx (5 x nbytes); memcpy row = np.copyto time scaled to those bytes")
+    print("ratios: speed-up of the row's provider (other's time / this time)")
+    rows = []
+    t0 = time.perf_counter()
+    for name in names:
+        shape, axis = cases[name]
+        try:
+            rows.extend(_bench_case(name, shape, axis, args, has_numba))
+        except _Mismatch as err:
+            print("ABORT: %s" % err, file=sys.stderr)
+            return 2
+        print("  %s done (%.0f s)" % (name, time.perf_counter() - t0), file=sys.stderr)
+    print()
+    print("\n".join(_table(rows)))
+    print()
+    print("\n".join(_summary(rows)))
+    if args.memory:
+        case = args.memory_case or next(n for n in names if not _is_tiny(n))
+        if case not in cases:
+            parser.error("unknown --memory-case %r" % case)
+        res = _memory(case, args, has_numba)
+        print()
+        print("peak RSS growth of one forward+backward, %s (fresh process each): %s"
+              % (case, ", ".join("%s %.1f MiB" % (p, k / 1024) for p, k in res)))
+    if args.plot:
+        _plot(rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
