@@ -101,7 +101,13 @@ class InstanceNorm(HybridBlock):
         return super().forward(x, *args)
 
     def hybrid_forward(self, F, x, gamma, beta):
-        return instance_norm(F, x, gamma, beta, self._epsilon, self._axis, name='fwd')
+        # A CachedOp with static_alloc and static_shape keeps MXNet's
+        # temporary copies alive; any other hybridized graph needs the
+        # copying output guard for correct gradients after a convolution.
+        flags = dict(getattr(self, '_flags', ()))
+        static = bool(flags.get('static_alloc')) and bool(flags.get('static_shape'))
+        return instance_norm(F, x, gamma, beta, self._epsilon, self._axis, name='fwd',
+                             copy_in_graph=not static)
 
     def __repr__(self):
         s = '{name}({content}'

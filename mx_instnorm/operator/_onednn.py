@@ -1,10 +1,55 @@
-"""A guard against MXNet 1.9.1's oneDNN fallback freeing a CustomOp's input
-while the op still reads it. See docs/onednn.md for the cause.
+"""Guards against MXNet 1.9.1 freeing a CustomOp's oneDNN-converted input
+while the op still reads it. docs/onednn.md has the cause and the evidence.
+
+In short: when an input (``x``, or ``dy`` in backward) arrives in one of
+oneDNN's blocked layouts, typically straight from a convolution, MXNet
+hands the CustomOp a temporary plain-layout copy that it frees as soon as it
+has *queued* the Python callback, so the op reads recycled memory. The cure
+is to make sure no blocked array ever reaches our Custom node:
+
+* imperatively, the data is converted to the plain layout in place before
+  the op is invoked (free when it already is plain), and under autograd the
+  output passes through a recorded reshape view whose backward hands ``dy``
+  over in the plain layout;
+* in a graph, a same-shape ``reshape`` sits before the data input (executed
+  in place: free for plain data, a reorder for blocked data), and, where the
+  graph will be run by a CachedOp without static allocation, a full-range
+  ``slice_axis`` after the output, the one op found whose backward writes a
+  fresh plain-layout ``dy`` (it costs a copy each way).
 """
+import ctypes
 
-__all__ = ["layout_guard"]
+import mxnet as mx
+from mxnet.base import _LIB, check_call
+
+__all__ = ["guard_input", "guard_output"]
 
 
-def layout_guard(F, x):
-    """``x`` in the default (plain) memory layout, as a new graph entry."""
-    return F.identity(x)
+def _to_plain_layout(x):
+    # MXNDArrayGetData reorders a blocked array to the plain layout in place
+    # (src/c_api/c_api.cc); it can only see the layout once the producer has
+    # run, hence the wait.
+    x.wait_to_read()
+    check_call(_LIB.MXNDArrayGetData(x.handle, ctypes.byref(ctypes.c_void_p())))
+    return x
+
+
+def guard_input(F, x):
+    """``x`` as the Custom node's data input, never in a blocked layout."""
+    if F is mx.nd:
+        if x.stype == "default" and x.size:
+            _to_plain_layout(x)
+        return x
+    return F.reshape(x, shape=(-2,))
+
+
+def guard_output(F, y, copy_in_graph):
+    """``y`` as returned to the caller, so that ``dy`` reaches backward in
+    the plain layout. ``copy_in_graph``: whether a graph needs the copy."""
+    if F is mx.nd:
+        if mx.autograd.is_recording():
+            return y.reshape(y.shape)
+        return y
+    if copy_in_graph:
+        return F.slice_axis(y, axis=0, begin=0, end=None)
+    return y

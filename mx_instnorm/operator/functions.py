@@ -8,20 +8,27 @@ callbacks, and wrap the data in :func:`layout_guard` (see docs/onednn.md).
 import mxnet as mx
 
 from . import _params
-from ._onednn import layout_guard
+from ._onednn import guard_input, guard_output
 from .custom_op import OP_TYPE
 
 __all__ = ["instance_norm", "nd_instance_norm", "sym_instance_norm"]
 
 
-def instance_norm(F, data, gamma, beta, eps, axis, name=None, out=None):
-    """The graph fragment, for ``F`` = ``mx.nd`` or ``mx.sym`` (no checks)."""
+def instance_norm(F, data, gamma, beta, eps, axis, name=None, out=None,
+                  copy_in_graph=False):
+    """The graph fragment, for ``F`` = ``mx.nd`` or ``mx.sym`` (no checks).
+
+    ``copy_in_graph`` adds the output guard that a graph run by a CachedOp
+    without static allocation needs for correct gradients after a oneDNN
+    convolution (see :mod:`mx_instnorm.operator._onednn`).
+    """
     kwargs = {"op_type": OP_TYPE, "eps": repr(float(eps)), "axis": str(int(axis))}
     if name is not None:
         kwargs["name"] = name
     if out is not None:
         kwargs["out"] = out
-    return F.Custom(layout_guard(F, data), gamma, beta, **kwargs)
+    y = F.Custom(guard_input(F, data), gamma, beta, **kwargs)
+    return guard_output(F, y, copy_in_graph)
 
 
 def _expect(kind, name, value):
