@@ -13,6 +13,11 @@ for any other axis. ``Transpose`` needs the rank; mx2onnx gives a converter
 no shapes, so the rank is inferred from the part of the MXNet graph that
 feeds our node, with the graph inputs' shapes the exporter was given.
 
+The package guards our op's data input with ``reshape(shape=(-2,))``, an
+identity that MXNet's own ``Reshape`` converter rejects (it knows no -2), so
+:func:`register` also wraps that converter: such a reshape becomes ONNX
+``Identity``, any other goes to MXNet's converter unchanged.
+
 This module imports neither ``onnx`` nor ``mxnet.onnx`` at import time;
 :func:`register` does, and is a no-op when mx2onnx cannot convert anything
 (MXNet's registry stays empty without ``onnx``).
@@ -143,10 +148,48 @@ def _custom_converter(previous):
     return convert_custom
 
 
-def register():
-    """Registers the ``Custom`` converter with mx2onnx (idempotent).
+def _is_identity_reshape(attrs):
+    """True for ``reshape(shape=(-2,))``: -2 copies all remaining dims."""
+    text = str(attrs.get("shape", "")).strip("()[] ")
+    try:
+        dims = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        return False
+    return bool(dims) and all(d == -2 for d in dims)
 
-    Returns True if mx2onnx now holds it: False when ``mxnet.onnx`` cannot
+
+def _reshape_converter(previous):
+    """A ``Reshape`` converter: ONNX ``Identity`` for ``shape=(-2,)``, which
+    the package's input guard uses and MXNet's converter rejects (it knows
+    no -2); ``previous`` (MXNet's own) for every other reshape."""
+    def convert_reshape(node, **kwargs):
+        if _is_identity_reshape(node.get("attrs", {})):
+            from onnx.helper import make_node
+            return [make_node("Identity", _input_names(node, kwargs)[:1], [node["name"]],
+                              name=node["name"])]
+        if previous is not None:
+            return previous(node, **kwargs)
+        raise AttributeError("No conversion function registered for op type Reshape yet.")
+    convert_reshape.mx_instnorm_previous = previous
+    return convert_reshape
+
+
+def _install(graph_class, registry, op, make_converter):
+    # Wrap every opset's existing converter for `op`, so ours wins whatever
+    # opset the export picks; register at the lowest opset if there is none.
+    versions = sorted(v for v, ops in registry.items() if op in ops) or [_OPSET]
+    for version in versions:
+        previous = registry.get(version, {}).get(op)
+        if previous is not None and hasattr(previous, "mx_instnorm_previous"):
+            continue  # ours already
+        graph_class.register(op, opset_version=version)(make_converter(previous))
+
+
+def register():
+    """Registers the converters with mx2onnx (idempotent): ``Custom`` (our
+    op) and ``Reshape`` (the identity reshape guarding our op's input).
+
+    Returns True if mx2onnx now holds them: False when ``mxnet.onnx`` cannot
     be imported or its registry is inactive (``onnx`` not installed).
     """
     try:
@@ -156,12 +199,6 @@ def register():
     registry = getattr(MXNetGraph, "registry_", None)
     if not isinstance(registry, dict):
         return False
-    # Wrap every opset's existing Custom converter, so ours wins whatever
-    # opset the export picks; register at the lowest opset if there is none.
-    versions = sorted(v for v, ops in registry.items() if "Custom" in ops) or [_OPSET]
-    for version in versions:
-        previous = registry.get(version, {}).get("Custom")
-        if previous is not None and hasattr(previous, "mx_instnorm_previous"):
-            continue  # ours already
-        MXNetGraph.register("Custom", opset_version=version)(_custom_converter(previous))
+    _install(MXNetGraph, registry, "Custom", _custom_converter)
+    _install(MXNetGraph, registry, "Reshape", _reshape_converter)
     return any("Custom" in ops for ops in registry.values())
