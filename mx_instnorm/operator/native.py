@@ -148,8 +148,9 @@ def to_native(symbol, shapes=None, dtypes=None):
     >>> import mxnet as mx, mx_instnorm
     >>> s = mx_instnorm.sym.InstanceNorm(mx.sym.var('x'), axis=-1, name='in1')
     >>> native = mx_instnorm.to_native(s)
-    >>> sorted({n['op'] for n in __import__('json').loads(native.tojson())['nodes']})
-    ['InstanceNorm', 'SwapAxis', '_copy', 'null']
+    >>> ops = [n['op'] for n in __import__('json').loads(native.tojson())['nodes']]
+    >>> 'Custom' in ops, ops.count('InstanceNorm'), ops.count('SwapAxis')
+    (False, 1, 2)
     >>> native.list_arguments() == s.list_arguments()
     True
     """
