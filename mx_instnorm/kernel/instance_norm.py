@@ -92,6 +92,7 @@ array([[[-0.99753,  1.99753]],
 array([[1.65],
        [3.85]], dtype=float32)
 """
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -176,8 +177,9 @@ def canonical_shape(shape, axis):
     if not 0 < ax < ndim:
         raise ValueError("axis %d is out of range or the batch axis for data "
                          "of rank %d" % (axis, ndim))
-    return (int(shape[0]), int(np.prod(shape[1:ax], dtype=np.int64)),
-            int(shape[ax]), int(np.prod(shape[ax + 1:], dtype=np.int64)))
+    # math.prod: a tenth of np.prod's cost, which matters for tiny calls.
+    return (int(shape[0]), int(math.prod(shape[1:ax])),
+            int(shape[ax]), int(math.prod(shape[ax + 1:])))
 
 
 def default_num_threads():
@@ -193,10 +195,16 @@ def default_num_threads():
             raise ValueError("MX_INSTNORM_NUM_THREADS must be a positive "
                              "integer, got %r" % env)
         return value
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    global _cpus
+    if _cpus is None:
+        try:
+            _cpus = max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            _cpus = max(1, os.cpu_count() or 1)
+    return _cpus
+
+
+_cpus = None  # the CPUs this process may use, looked up once
 
 
 # ---------------------------------------------------------------- threads --
@@ -474,7 +482,7 @@ class _Plan:
         """A per-channel vector laid out as the tasks' instances need it
         (tiled over the batch for rows), computed once per call."""
         if self.red == 1:
-            return np.tile(vec, self.n)
+            return np.broadcast_to(vec, (self.n, self.c)).reshape(-1)
         return np.ascontiguousarray(vec)
 
     def params(self, vec, task):
@@ -558,7 +566,7 @@ def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
     if req == "null":
         out = None
     elif out is None:
-        out = np.zeros_like(x) if req == "add" else np.empty_like(x)
+        out = np.zeros(x.shape, x.dtype) if req == "add" else np.empty(x.shape, x.dtype)
     else:
         _check_out(out, "out", x.shape, x.dtype)
     mean = np.empty(n * c, acc)
@@ -582,7 +590,7 @@ def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
 
     xv = plan.view(_contiguous(x))
     # A non-contiguous out is written through a contiguous temporary.
-    y_target = out if out is None or out.flags.c_contiguous else np.empty_like(x)
+    y_target = out if out is None or out.flags.c_contiguous else np.empty(x.shape, x.dtype)
     if y_target is not out and req == "add":
         np.copyto(y_target, out)
     yv = plan.view(y_target)
@@ -714,7 +722,7 @@ def instance_norm_backward(dy, x, gamma, mean=None, rstd=None, eps=1e-3, axis=1,
             return dx, dgamma, dbeta
 
         xv, gv = plan.view(_contiguous(x)), plan.view(_contiguous(dy))
-        dx_target = dx if dx is None or dx.flags.c_contiguous else np.empty_like(x)
+        dx_target = dx if dx is None or dx.flags.c_contiguous else np.empty(x.shape, x.dtype)
         if dx_target is not dx and dx_req == "add":
             np.copyto(dx_target, dx)
         dxv = plan.view(dx_target)
