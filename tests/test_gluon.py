@@ -166,6 +166,23 @@ def test_default_prefixes_match_builtin():
     assert names[0][:2] == ["net_instancenorm0_", "net_instancenorm1_"]
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"scale": True, "center": False}])
+def test_symbol_names_match_builtin(kwargs):
+    """Called on a Symbol (what hybridize and export record), the block
+    gives the same argument and output names as the built-in, so code that
+    looks up ``<prefix>fwd_output`` in an exported graph keeps working.
+    (axis 1 only: for other axes the built-in's output is named after the
+    swapaxes it wraps around its op.)"""
+    graphs = []
+    for cls in (InstanceNorm, nn.InstanceNorm):
+        with mx.name.NameManager():
+            block = cls(in_channels=3, prefix="in0_", **kwargs)
+            graphs.append(block(mx.sym.var("data")))
+    ours, builtin = graphs
+    assert ours.list_arguments() == builtin.list_arguments()
+    assert ours.list_outputs() == builtin.list_outputs()
+
+
 def test_initializers_are_used(rng):
     block = InstanceNorm(in_channels=3, gamma_initializer=mx.init.Constant(2.0),
                          beta_initializer=mx.init.Constant(-1.0))

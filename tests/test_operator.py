@@ -134,6 +134,7 @@ def test_sym_infers_types(dtype):
     assert arg_shapes == [(2, 7, 3, 5), (7,), (7,)] and out_shapes == [(2, 7, 3, 5)]
 
 
+@pytest.mark.filterwarnings("ignore:`np.bool` is a deprecated alias")  # in mx.test_utils
 @pytest.mark.parametrize("shape,axis", [((2, 3, 4), 1), ((2, 3, 2, 3), -1), ((1, 2, 3, 2, 2), 2)])
 def test_sym_numeric_gradient_float64(path, rng, shape, axis):
     x, gamma, beta = random_inputs(rng, shape, axis, np.float64)
@@ -348,6 +349,36 @@ def test_hybridized_block_called_twice(path, rng):
     s = _param_scale(shape)
     assert_close(net.norm.gamma.grad().asnumpy() / s, dg_r / s, np.float32)
     assert_close(net.norm.beta.grad().asnumpy() / s, db_r / s, np.float32)
+
+
+def test_hybridized_block_two_forwards_one_backward(path, rng):
+    """A hybridized block recorded on two inputs, one backward through both
+    outputs: the parameter gradients are the sum of both calls'."""
+    shape = (2, 3, 4, 5)
+    x1, gamma, beta = random_inputs(rng, shape, 1, np.float64)
+    x2 = rng.standard_normal(shape) * 0.5 + 3
+    dy1, dy2 = rng.standard_normal(shape), rng.standard_normal(shape)
+    block = mx_instnorm.gluon.InstanceNorm(scale=True, in_channels=3)
+    block.cast("float64")
+    block.initialize()
+    block.gamma.set_data(_nd(gamma))
+    block.beta.set_data(_nd(beta))
+    block.hybridize()
+    a1, a2 = _nd(x1), _nd(x2)
+    a1.attach_grad()
+    a2.attach_grad()
+    with mx.autograd.record():
+        y1 = block(a1)
+        y2 = block(a2)
+    mx.autograd.backward([y1, y2], [_nd(dy1), _nd(dy2)])
+    r1 = ref_backward(dy1, x1, gamma, 1e-5)
+    r2 = ref_backward(dy2, x2, gamma, 1e-5)
+    assert_close(y1.asnumpy(), ref_forward(x1, gamma, beta, 1e-5)[0], np.float64)
+    assert_close(y2.asnumpy(), ref_forward(x2, gamma, beta, 1e-5)[0], np.float64)
+    assert_close(a1.grad.asnumpy(), r1[0], np.float64)
+    assert_close(a2.grad.asnumpy(), r2[0], np.float64)
+    assert_close(block.gamma.grad().asnumpy(), r1[1] + r2[1], np.float64)
+    assert_close(block.beta.grad().asnumpy(), r1[2] + r2[2], np.float64)
 
 
 # -------------------------------------------------------------------- Module --
