@@ -81,6 +81,7 @@ class InstanceNorm(HybridBlock):
         self._kwargs = {'eps': epsilon, 'axis': axis, 'center': center, 'scale': scale}
         self._axis = axis
         self._epsilon = epsilon
+        self._rank = None
         self.gamma = self.params.get('gamma', grad_req='write' if scale else 'null',
                                      shape=(in_channels,), init=gamma_initializer,
                                      allow_deferred_init=True)
@@ -93,6 +94,10 @@ class InstanceNorm(HybridBlock):
         # clear message in hybridized mode too.
         if isinstance(x, mx.nd.NDArray):
             channels = _params.check_data_shape(x.shape, self._axis)
+            if self._rank != x.ndim:
+                # The graph's layout guard depends on the rank.
+                self._rank = x.ndim
+                self._clear_cached_op()
             known = self.gamma.shape[0] if self.gamma.shape else 0
             if known and known != channels:
                 raise ValueError(
@@ -101,13 +106,13 @@ class InstanceNorm(HybridBlock):
         return super().forward(x, *args)
 
     def hybrid_forward(self, F, x, gamma, beta):
-        # A CachedOp with static_alloc and static_shape keeps MXNet's
-        # temporary copies alive; any other hybridized graph needs the
-        # copying output guard for correct gradients after a convolution.
-        flags = dict(getattr(self, '_flags', ()))
-        static = bool(flags.get('static_alloc')) and bool(flags.get('static_shape'))
+        # Layout guards against MXNet 1.9.1's oneDNN fallback (see
+        # docs/onednn.md): the in-place guard before the data only covers
+        # ranks <= 4, and the rank is unknown when a hybridized parent
+        # builds the graph; every CachedOp graph needs the output guard.
+        copy_input = self._rank is None or self._rank > 4
         return instance_norm(F, x, gamma, beta, self._epsilon, self._axis, name='fwd',
-                             copy_in_graph=not static)
+                             copy_in_graph=True, copy_input=copy_input)
 
     def __repr__(self):
         s = '{name}({content}'

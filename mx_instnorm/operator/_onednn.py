@@ -12,10 +12,13 @@ is to make sure no blocked array ever reaches our Custom node:
   output passes through a recorded reshape view whose backward hands ``dy``
   over in the plain layout;
 * in a graph, a same-shape ``reshape`` sits before the data input (executed
-  in place: free for plain data, a reorder for blocked data), and, where the
-  graph will be run by a CachedOp without static allocation, a full-range
-  ``slice_axis`` after the output, the one op found whose backward writes a
-  fresh plain-layout ``dy`` (it costs a copy each way).
+  in place: free for plain data, a reorder for blocked data; for rank > 4,
+  which oneDNN's reshape does not handle, or an unknown rank, a copying
+  ``expand_dims``/``squeeze`` pair), and, where the
+  graph will be run by a CachedOp (a hybridized block, with or without
+  static allocation), a full-range ``slice_axis`` after the output, the one
+  op found whose backward writes a fresh plain-layout ``dy`` (it costs a
+  copy each way).
 """
 import ctypes
 
@@ -34,22 +37,38 @@ def _to_plain_layout(x):
     return x
 
 
-def guard_input(F, x):
-    """``x`` as the Custom node's data input, never in a blocked layout."""
+def _named(name, suffix):
+    return {} if name is None else {"name": name + suffix}
+
+
+def guard_input(F, x, copy=False, name=None):
+    """``x`` as the Custom node's data input, never in a blocked layout.
+
+    In a graph, a same-shape ``reshape`` runs in place and reorders blocked
+    data (free for plain data), but oneDNN's reshape handles ranks up to 4
+    only; ``copy=True`` (rank above 4, or unknown) uses an ``expand_dims``/
+    ``squeeze`` pair instead, which copies.
+    """
     if F is mx.nd:
         if x.stype == "default" and x.size:
             _to_plain_layout(x)
         return x
-    return F.reshape(x, shape=(-2,))
+    if copy:
+        return F.squeeze(F.expand_dims(x, axis=0, **_named(name, "_expand")), axis=0,
+                         **_named(name, "_in"))
+    return F.reshape(x, shape=(-2,), **_named(name, "_in"))
 
 
-def guard_output(F, y, copy_in_graph):
+def guard_output(F, y, copy_in_graph, name=None):
     """``y`` as returned to the caller, so that ``dy`` reaches backward in
-    the plain layout. ``copy_in_graph``: whether a graph needs the copy."""
+    the plain layout. ``copy_in_graph``: whether a graph needs the copy
+    (any graph run by a CachedOp does; the Module/``simple_bind`` executor
+    keeps MXNet's temporaries alive and does not). The copy, when added,
+    takes ``name`` so that the graph's output keeps the op's name."""
     if F is mx.nd:
         if mx.autograd.is_recording():
             return y.reshape(y.shape)
         return y
     if copy_in_graph:
-        return F.slice_axis(y, axis=0, begin=0, end=None)
+        return F.slice_axis(y, axis=0, begin=0, end=None, **_named(name, ""))
     return y

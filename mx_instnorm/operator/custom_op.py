@@ -177,8 +177,21 @@ class InstanceNormProp(mx.operator.CustomOpProp):
 
     def __init__(self, eps="0.001", axis="1"):
         super().__init__(need_top_grad=True)
-        self.eps = _params.parse_eps(eps)
-        self.axis = _params.parse_axis(axis)
+        # MXNet calls this constructor from a ctypes callback that does not
+        # catch exceptions (an exception here kills the process), so a bad
+        # keyword is kept and raised from infer_shape/infer_type instead,
+        # which MXNet turns into an MXNetError.
+        self._error = None
+        try:
+            self.eps = _params.parse_eps(eps)
+            self.axis = _params.parse_axis(axis)
+        except (TypeError, ValueError) as err:
+            self._error = err
+            self.eps, self.axis = 1e-3, 1
+
+    def _raise_bad_keyword(self):
+        if self._error is not None:
+            raise type(self._error)(str(self._error))
 
     def list_arguments(self):
         return ["data", "gamma", "beta"]
@@ -187,6 +200,7 @@ class InstanceNormProp(mx.operator.CustomOpProp):
         return ["output"]
 
     def infer_shape(self, in_shape):
+        self._raise_bad_keyword()
         data = tuple(in_shape[0])
         if len(data) == 0:
             # Unknown yet (partial inference): nothing to tell.
@@ -204,6 +218,7 @@ class InstanceNormProp(mx.operator.CustomOpProp):
         return [data] + params, [data], []
 
     def infer_type(self, in_type):
+        self._raise_bad_keyword()
         data, gamma, beta = in_type
         if data is None:
             data = gamma if gamma is not None else np.float32
@@ -221,6 +236,7 @@ class InstanceNormProp(mx.operator.CustomOpProp):
         return [out_grad[0], in_data[0], in_data[1]]
 
     def create_operator(self, ctx, in_shapes, in_dtypes):
+        self._raise_bad_keyword()
         device_type = str(ctx).split("(")[0]
         return InstanceNormOp(self.eps, self.axis, in_shapes, in_dtypes,
                               selected_path(device_type))

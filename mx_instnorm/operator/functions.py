@@ -15,20 +15,24 @@ __all__ = ["instance_norm", "nd_instance_norm", "sym_instance_norm"]
 
 
 def instance_norm(F, data, gamma, beta, eps, axis, name=None, out=None,
-                  copy_in_graph=False):
+                  copy_in_graph=False, copy_input=False):
     """The graph fragment, for ``F`` = ``mx.nd`` or ``mx.sym`` (no checks).
 
     ``copy_in_graph`` adds the output guard that a graph run by a CachedOp
-    without static allocation needs for correct gradients after a oneDNN
-    convolution (see :mod:`mx_instnorm.operator._onednn`).
+    needs for correct gradients after a oneDNN convolution; ``copy_input``
+    picks the copying input guard, needed in graphs over data of rank > 4
+    or of unknown rank (see :mod:`mx_instnorm.operator._onednn`).
     """
+    guarded = copy_in_graph and F is not mx.nd
     kwargs = {"op_type": OP_TYPE, "eps": repr(float(eps)), "axis": str(int(axis))}
     if name is not None:
-        kwargs["name"] = name
+        # The last node of the fragment carries ``name``, as the built-in's
+        # single node does, so ``<name>_output`` names the result.
+        kwargs["name"] = name + "_op" if guarded else name
     if out is not None:
         kwargs["out"] = out
-    y = F.Custom(guard_input(F, data), gamma, beta, **kwargs)
-    return guard_output(F, y, copy_in_graph)
+    y = F.Custom(guard_input(F, data, copy_input, name), gamma, beta, **kwargs)
+    return guard_output(F, y, copy_in_graph, name)
 
 
 def _expect(kind, name, value):
@@ -117,4 +121,7 @@ def sym_instance_norm(data=None, gamma=None, beta=None, eps=1e-3, axis=1, name=N
     beta = mx.sym.var(name + "_beta") if beta is None else beta
     for arg_name, value in (("data", data), ("gamma", gamma), ("beta", beta)):
         _expect(mx.sym.Symbol, arg_name, value)
-    return instance_norm(mx.sym, data, gamma, beta, eps, axis, name)
+    # ``name`` already carries any Prefix in scope: build under a plain
+    # NameManager so that it is not applied twice.
+    with mx.name.NameManager():
+        return instance_norm(mx.sym, data, gamma, beta, eps, axis, name)
