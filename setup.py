@@ -34,7 +34,7 @@ setup(
         # `python -m mx_instnorm.bench --plot FILE`
         "bench": ["matplotlib"],
         # ONNX export: MXNet 1.9.1's exporter needs onnx.mapping (onnx < 1.15).
-        "onnx": ["onnx==1.14.1", "onnxruntime"],
+        "onnx": ["onnx==1.14.1", "onnxruntime==1.31.1"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -12,9 +12,18 @@ arrays MXNet hands a CustomOp are plain, default-layout, dense copies
 (``AllocateNDArrayCopy`` in src/operator/custom/custom.cc).
 """
 import ctypes
+import math
 
 import numpy as np
 from mxnet.base import _LIB, check_call
+
+# The same library through PyDLL: calls keep the GIL. MXNDArrayGetData only
+# reads a pointer, and inside a CustomOp, where the engine thread and the
+# user's thread compete for the GIL, releasing and re-taking it around each
+# call cost more than the call itself.
+_get_data = ctypes.PyDLL(_LIB._name).MXNDArrayGetData
+_get_data.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))
+_get_data.restype = ctypes.c_int
 
 __all__ = ["numpy_view", "can_view"]
 
@@ -42,15 +51,14 @@ def can_view(arr):
 def numpy_view(arr, shape, dtype):
     """An ndarray over the memory of the CPU NDArray ``arr``.
 
-    ``shape`` and ``dtype`` are what the caller already knows of ``arr``
-    (from the Prop), which saves two C API round trips per array.
+    ``shape`` (a tuple of ints) and ``dtype`` (a ``numpy.dtype``) are what
+    the caller already knows of ``arr`` (from the Prop), which saves two C
+    API round trips per array.
     """
-    dtype = np.dtype(dtype)
-    shape = tuple(int(s) for s in shape)
-    if int(np.prod(shape)) == 0:
+    if not math.prod(shape):
         return np.empty(shape, dtype)
     address = ctypes.c_void_p()
-    check_call(_LIB.MXNDArrayGetData(arr.handle, ctypes.byref(address)))
+    check_call(_get_data(arr.handle, ctypes.byref(address)))
     if not address.value:
         raise RuntimeError("MXNDArrayGetData returned no memory for an NDArray "
                            "of shape %s" % (shape,))

@@ -80,7 +80,7 @@ class InstanceNormOp(mx.operator.CustomOp):
         super().__init__()
         self._eps = eps
         self._axis = _params.normalize_axis(axis, len(shapes[0]))
-        self._shapes = [tuple(s) for s in shapes]
+        self._shapes = [tuple(int(d) for d in s) for s in shapes]
         # create_operator receives MXNet's dtype codes (0 float32, 1 float64, ...).
         self._dtypes = [np.dtype(_DTYPE_MX_TO_NP[int(d)]) for d in dtypes]
         self._path = path
