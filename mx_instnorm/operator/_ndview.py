@@ -25,7 +25,7 @@ _get_data = ctypes.PyDLL(_LIB._name).MXNDArrayGetData
 _get_data.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))
 _get_data.restype = ctypes.c_int
 
-__all__ = ["numpy_view", "can_view"]
+__all__ = ["numpy_view", "plain_layout"]
 
 
 class _Interface:
@@ -42,10 +42,12 @@ class _Interface:
         }
 
 
-def can_view(arr):
-    """True for dense NDArrays on a CPU context."""
-    return arr.stype == "default" and arr.context.device_type in ("cpu", "cpu_pinned",
-                                                                 "cpu_shared")
+def plain_layout(arr):
+    """Makes MXNet convert ``arr`` to the plain layout in place if a oneDNN
+    operator left it blocked (``MXNDArrayGetData`` does that once the array
+    is computed, hence the wait); free for a plain array."""
+    arr.wait_to_read()
+    check_call(_get_data(arr.handle, ctypes.byref(ctypes.c_void_p())))
 
 
 def numpy_view(arr, shape, dtype):

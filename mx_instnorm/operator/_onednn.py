@@ -20,21 +20,11 @@ is to make sure no blocked array ever reaches our Custom node:
   op found whose backward writes a fresh plain-layout ``dy`` (it costs a
   copy each way).
 """
-import ctypes
-
 import mxnet as mx
-from mxnet.base import _LIB, check_call
+
+from ._ndview import plain_layout
 
 __all__ = ["guard_input", "guard_output"]
-
-
-def _to_plain_layout(x):
-    # MXNDArrayGetData reorders a blocked array to the plain layout in place
-    # (src/c_api/c_api.cc); it can only see the layout once the producer has
-    # run, hence the wait.
-    x.wait_to_read()
-    check_call(_LIB.MXNDArrayGetData(x.handle, ctypes.byref(ctypes.c_void_p())))
-    return x
 
 
 def _named(name, suffix):
@@ -50,8 +40,7 @@ def guard_input(F, x, copy=False, name=None):
     ``squeeze`` pair instead, which copies.
     """
     if F is mx.nd:
-        if x.stype == "default" and x.size:
-            _to_plain_layout(x)
+        plain_layout(x)
         return x
     if copy:
         return F.squeeze(F.expand_dims(x, axis=0, **_named(name, "_expand")), axis=0,

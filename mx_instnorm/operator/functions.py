@@ -95,6 +95,10 @@ def nd_instance_norm(data, gamma, beta, eps=1e-3, axis=1, out=None, name=None):
             raise ValueError("out must have the data's shape %s and dtype %s, got "
                              "%s %s" % (data.shape, data.dtype.__name__, out.shape,
                                         out.dtype.__name__))
+    if 0 in data.shape and not mx.util.is_np_shape():
+        # MXNet's legacy shape rules read a 0 as "unknown" and no operator
+        # can run on such an array; the result of an empty batch is empty.
+        return out if out is not None else mx.nd.empty(data.shape, dtype=data.dtype)
     return instance_norm(mx.nd, data, gamma, beta, eps, axis, name, out)
 
 
