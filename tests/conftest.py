@@ -5,6 +5,7 @@ and never call mx_instnorm: every test compares the code under test with
 one of them, with MXNet's built-in InstanceNorm (float32, axis=1), with
 finite differences, or with the documented examples.
 """
+import importlib.util
 import warnings
 
 import numpy as np
@@ -54,8 +55,19 @@ SHAPES_AXES = [
     ((2, 3, 4, 5, 6), -1),
 ]
 
+# Larger tensors (1e4 to 6e4 elements, odd sizes): implementations may
+# take a different route for small and for large inputs (whole-tensor
+# NumPy calls vs blocks of instances, threads), so both sizes are tested.
+LARGE_SHAPES_AXES = [
+    ((2, 6, 37, 41), 1),
+    ((2, 37, 41, 6), -1),
+    ((2, 5, 21, 9, 11), 2),
+    ((3, 5, 4001), 1),
+    ((3, 4001, 5), 2),
+]
+
 # Rank 3-5, odd sizes, channel axis 1: what the built-in accepts.
-BUILTIN_SHAPES = [(3, 5, 7), (2, 3, 1, 9), (2, 3, 5, 7), (2, 3, 4, 5, 3)]
+BUILTIN_SHAPES = [(3, 5, 7), (2, 3, 1, 9), (2, 3, 5, 7), (2, 3, 4, 5, 3), (2, 8, 33, 35)]
 
 
 def tol(dtype):
@@ -145,13 +157,31 @@ def _seed_mxnet():
     yield
 
 
-@pytest.fixture(params=["fast", "generic"])
+@pytest.fixture(params=["fast", "fast-numpy", "generic"])
 def path(request, monkeypatch):
-    """Runs the test under each computation path. The path is chosen per
-    ``create_operator`` call, so setting the variable here is enough."""
+    """Runs the test under each computation path: ``fast`` (the kernel on
+    views of MXNet's memory, with the kernel's default implementation: the
+    Numba loops when Numba imports), ``fast-numpy`` (the same with the NumPy
+    implementation forced) and ``generic`` (mx.nd operators). The path is
+    chosen per ``create_operator`` call and the implementation per kernel
+    call, so setting the variables here is enough."""
+    monkeypatch.delenv("MX_INSTNORM_KERNEL", raising=False)
     if request.param == "generic":
         monkeypatch.setenv("MX_INSTNORM_PATH", "generic")
     else:
         monkeypatch.delenv("MX_INSTNORM_PATH", raising=False)
-    assert mx_instnorm.operator.selected_path("cpu") == request.param
+    if request.param == "fast-numpy":
+        monkeypatch.setenv("MX_INSTNORM_KERNEL", "numpy")
+    expected = "generic" if request.param == "generic" else "fast"
+    assert mx_instnorm.operator.selected_path("cpu") == expected
+    return request.param
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def kernel_impl(request, monkeypatch):
+    """Runs a kernel test under each implementation of the block maths
+    (float16 always takes the NumPy one)."""
+    if request.param == "numba" and importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed")
+    monkeypatch.setenv("MX_INSTNORM_KERNEL", request.param)
     return request.param

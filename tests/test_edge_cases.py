@@ -144,6 +144,7 @@ def test_empty_batch(path, dtype):
         assert np.array_equal(b.grad.asnumpy(), np.zeros(3, dtype))
 
 
+@pytest.mark.usefixtures("kernel_impl")
 @pytest.mark.parametrize("axis", [1, -1])
 def test_empty_batch_kernel(axis):
     x = np.zeros((0, 4, 3), np.float32)
@@ -209,6 +210,7 @@ def _strided_x(rng, dtype):
     return x
 
 
+@pytest.mark.usefixtures("kernel_impl")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("x_strided,out_kind", [(True, None), (True, "contiguous"),
                                                 (False, "strided"), (True, "strided")])
@@ -226,6 +228,7 @@ def test_kernel_forward_non_contiguous(rng, dtype, x_strided, out_kind):
     assert_close(y, ref_forward(x, gamma, beta, 1e-3)[0], dtype)
 
 
+@pytest.mark.usefixtures("kernel_impl")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("x_strided,dx_kind", [(True, None), (False, "strided"),
                                                (True, "strided")])

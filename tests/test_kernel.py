@@ -7,13 +7,16 @@ import pytest
 
 from mx_instnorm.kernel import instance_norm_backward, instance_norm_forward, instance_norm_stats
 
-from conftest import DTYPES, SHAPES_AXES, assert_close, random_inputs, ref_backward, ref_forward
+from conftest import DTYPES, LARGE_SHAPES_AXES, SHAPES_AXES, assert_close, random_inputs, ref_backward, ref_forward
+
+# Every kernel test runs with the NumPy and the Numba block maths.
+pytestmark = pytest.mark.usefixtures("kernel_impl")
 
 
 # ------------------------------------------------------------------ forward --
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,axis", SHAPES_AXES)
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES + LARGE_SHAPES_AXES)
 def test_forward_matches_reference(rng, shape, axis, dtype):
     x, gamma, beta = random_inputs(rng, shape, axis, dtype)
     eps = 1e-3
@@ -30,7 +33,8 @@ def test_forward_matches_reference(rng, shape, axis, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,axis", [((3, 5, 7), 1), ((2, 6, 5, 4), -1), ((2, 3, 4, 5, 6), 2)])
+@pytest.mark.parametrize("shape,axis", [((3, 5, 7), 1), ((2, 6, 5, 4), -1), ((2, 3, 4, 5, 6), 2)]
+                         + LARGE_SHAPES_AXES[:2])
 def test_stats_match_reference(rng, shape, axis, dtype):
     x, _, _ = random_inputs(rng, shape, axis, dtype)
     mean, rstd = instance_norm_stats(x, eps=1e-2, axis=axis)
@@ -52,12 +56,13 @@ def test_forward_mixed_precision_params(rng, dtype):
     assert_close(y, ref_forward(x, gamma32, beta.astype(np.float32), 1e-3)[0], dtype)
 
 
+@pytest.mark.parametrize("size", [50, 5000])
 @pytest.mark.parametrize("layout", ["rows", "columns"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_forward_outlier_first_element(rng, dtype, layout):
+def test_forward_outlier_first_element(rng, dtype, layout, size):
     """The shift is each instance's first element: make that element lie far
     out (the re-centring branch) and the rest sit on a large offset."""
-    shape, axis = ((3, 4, 50), 1) if layout == "rows" else ((3, 50, 4), -1)
+    shape, axis = ((3, 4, size), 1) if layout == "rows" else ((3, size, 4), -1)
     x = 1e3 + rng.standard_normal(shape)
     if layout == "rows":
         x[:, ::2, 0] += 200.0
@@ -76,7 +81,7 @@ def test_forward_outlier_first_element(rng, dtype, layout):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", [((3, 4, 6, 7), 1), ((3, 6, 7, 4), 3),
-                                        ((2, 5, 4, 3, 3), 2)])
+                                        ((2, 5, 4, 3, 3), 2)] + LARGE_SHAPES_AXES[:3])
 def test_property_zero_mean_unit_variance(rng, shape, axis, dtype):
     """eps=0, gamma=1, beta=0: every instance of y has mean 0 and biased
     variance 1."""
@@ -95,7 +100,7 @@ def test_property_zero_mean_unit_variance(rng, shape, axis, dtype):
 # ----------------------------------------------------------------- backward --
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,axis", SHAPES_AXES)
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES + LARGE_SHAPES_AXES)
 def test_backward_matches_reference(rng, shape, axis, dtype):
     x, gamma, _ = random_inputs(rng, shape, axis, dtype)
     dy = rng.standard_normal(shape).astype(dtype)
@@ -147,6 +152,36 @@ def test_backward_matches_finite_differences(rng, shape, axis):
     np.testing.assert_allclose(dbeta, numeric(beta, f), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape,axis", [((2, 3, 50, 70), 1), ((2, 50, 70, 3), -1)])
+def test_backward_matches_finite_differences_large(rng, shape, axis):
+    """As above on a large tensor, at 24 random coordinates of x and every
+    entry of gamma and beta."""
+    x, gamma, beta = random_inputs(rng, shape, axis, np.float64)
+    w = rng.standard_normal(shape)
+    eps = 1e-3
+    h = 1e-5
+
+    def loss():
+        return float(np.sum(w * instance_norm_forward(x, gamma, beta, eps=eps, axis=axis)[0]))
+
+    def central(arr, idx):
+        orig = arr[idx]
+        arr[idx] = orig + h
+        up = loss()
+        arr[idx] = orig - h
+        down = loss()
+        arr[idx] = orig
+        return (up - down) / (2 * h)
+
+    dx, dgamma, dbeta = instance_norm_backward(w, x, gamma, eps=eps, axis=axis)
+    flat = rng.choice(x.size, 24, replace=False)
+    for idx in zip(*np.unravel_index(flat, shape)):
+        np.testing.assert_allclose(dx[idx], central(x, idx), rtol=1e-4, atol=1e-6)
+    for c in range(shape[axis]):
+        np.testing.assert_allclose(dgamma[c], central(gamma, c), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(dbeta[c], central(beta, c), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_backward_mixed_precision_params(rng, dtype):
     """float32 gamma with float16 data: dgamma/dbeta come back in gamma's
@@ -163,7 +198,8 @@ def test_backward_mixed_precision_params(rng, dtype):
 
 # ---------------------------------------------------------------------- req --
 
-REQ_LAYOUTS = [((2, 3, 5, 4), 1), ((2, 5, 4, 3), -1), ((2, 3, 4, 5), 2)]
+REQ_LAYOUTS = [((2, 3, 5, 4), 1), ((2, 5, 4, 3), -1), ((2, 3, 4, 5), 2),
+               ((2, 7, 31, 41), 1), ((2, 31, 41, 7), -1), ((2, 7, 31, 41), 2)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -225,6 +261,7 @@ def test_bad_req_rejected(rng):
 # ----------------------------------------------------------------- aliasing --
 
 ALIAS_CASES = [((2, 3, 5, 4), 1, None), ((2, 5, 4, 3), -1, None), ((2, 3, 4, 5), 2, None),
+               ((4, 8, 33, 17), 1, None), ((4, 33, 17, 8), 3, None), ((4, 8, 33, 17), 2, None),
                ((4, 8, 33, 17), 1, 64), ((4, 33, 17, 8), 3, 64)]
 
 

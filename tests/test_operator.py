@@ -10,8 +10,8 @@ import mxnet as mx
 import mx_instnorm
 from mx_instnorm.operator import InstanceNormProp
 
-from conftest import (BUILTIN_SHAPES, BUILTIN_TOL, DTYPES, SHAPES_AXES, assert_close,
-                      random_inputs, ref_backward, ref_forward)
+from conftest import (BUILTIN_SHAPES, BUILTIN_TOL, DTYPES, LARGE_SHAPES_AXES, SHAPES_AXES,
+                      assert_close, random_inputs, ref_backward, ref_forward)
 
 # Seed 000 (the nd docstring of mx.nd.InstanceNorm), eps default 1e-3.
 DOC_X = [[[1.1, 2.2]], [[3.3, 4.4]]]
@@ -93,7 +93,7 @@ def test_sym_simple_bind_matches_builtin(path, rng, shape):
 # ----------------------------------------------------- against the reference --
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,axis", SHAPES_AXES)
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES + LARGE_SHAPES_AXES[:3])
 def test_nd_matches_reference(path, rng, shape, axis, dtype):
     """Every dtype and channel axis (the built-in has float32 and axis 1)."""
     x, gamma, beta = random_inputs(rng, shape, axis, dtype)
@@ -108,7 +108,8 @@ def test_nd_matches_reference(path, rng, shape, axis, dtype):
     assert_close(dbeta / s, db_r / s, dtype, "dbeta")
 
 
-@pytest.mark.parametrize("shape,axis", [((2, 4, 5, 3), 1), ((2, 5, 3, 4), -1), ((2, 3, 4, 3, 2), 2)])
+@pytest.mark.parametrize("shape,axis", [((2, 4, 5, 3), 1), ((2, 5, 3, 4), -1), ((2, 3, 4, 3, 2), 2)]
+                         + LARGE_SHAPES_AXES[:2])
 def test_mixed_precision_float16_data_float32_params(path, rng, shape, axis):
     x, gamma, beta = random_inputs(rng, shape, axis, np.float16, param_dtype=np.float32)
     dy = rng.standard_normal(shape).astype(np.float16)
