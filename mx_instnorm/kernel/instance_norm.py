@@ -211,7 +211,7 @@ _cpus = None  # the CPUs this process may use, looked up once
 
 _pools = {}
 _pools_lock = threading.Lock()
-_local = threading.local()
+_thread_bufs = {}
 
 
 def _pool(num_workers):
@@ -257,11 +257,18 @@ def _run_parallel(work, tasks, num_threads, nbytes):
 
 
 def _scratch(slot, shape, dtype):
-    """A per-thread reusable buffer: no tensor-sized allocation per block."""
-    bufs = getattr(_local, "bufs", None)
+    """A per-thread reusable buffer: no tensor-sized allocation per block.
+
+    Keyed by the OS thread id, not kept in a ``threading.local``: MXNet runs
+    a CustomOp on its own C++ threads, and each callback gets a fresh Python
+    thread state, which would empty a ``threading.local`` on every call.
+    """
+    ident = threading.get_ident()
+    bufs = _thread_bufs.get(ident)
     if bufs is None:
-        bufs = _local.bufs = {}
-    size = int(np.prod(shape))
+        with _pools_lock:
+            bufs = _thread_bufs.setdefault(ident, {})
+    size = math.prod(shape)
     key = (slot, np.dtype(dtype).str)
     buf = bufs.get(key)
     if buf is None or buf.size < size:
@@ -288,11 +295,29 @@ def _ones(length, dtype):
     return ones
 
 
+_COL_CHUNK = 128
+
+
+def _column_totals(a):
+    """Column sums of an (A, C) slab, in 128-row chunks whose partial sums
+    are then added: a plain running sum over thousands of rows loses about
+    A/2 ulps, the chunked one about (128 + A/128)/2."""
+    rows = a.shape[0]
+    full = rows - rows % _COL_CHUNK
+    if full < 2 * _COL_CHUNK:
+        return _ones(rows, a.dtype) @ a
+    parts = _ones(_COL_CHUNK, a.dtype) @ a[:full].reshape(-1, _COL_CHUNK, a.shape[1])
+    total = parts.sum(axis=0)
+    if full < rows:
+        total += _ones(rows - full, a.dtype) @ a[full:]
+    return total
+
+
 def _isum(a, red):
     """Per-instance sums of a block."""
     if red == 1:
         return np.matmul(a[:, None, :], _ones(a.shape[1], a.dtype)[:, None]).reshape(-1)
-    return _ones(a.shape[0], a.dtype) @ a
+    return _column_totals(a)
 
 
 def _idot(a, b, red):
@@ -301,7 +326,7 @@ def _idot(a, b, red):
         return np.matmul(a[:, None, :], b[:, :, None]).reshape(-1)
     prod = _scratch(2, a.shape, a.dtype)
     np.multiply(a, b, out=prod)
-    return _ones(a.shape[0], a.dtype) @ prod
+    return _column_totals(prod)
 
 
 def _keep(vec, red):
@@ -392,6 +417,55 @@ def _backward_block(xb, gb, dxb, red, gam, mean, rstd, acc, dx_req):
         d *= k
         _put(dxb, d, dx_req)
     return sum_g, sum_gxhat
+
+
+# ------------------------------------------------------------ small path --
+# Below _SMALL_ELEMS elements the blocked path's fixed cost (a plan, scratch
+# buffers, a task) outweighs its work; these do the same shifted two-pass
+# maths on the whole (N, A, C, B) view in a dozen NumPy calls. Instance
+# reductions run over axes (1, 3).
+
+_SMALL_ELEMS = 8192
+_RED = (1, 3)
+
+
+def _small_forward(x4, gam, bet, eps, acc, y4, y_req):
+    m = x4.shape[1] * x4.shape[3]
+    shift = x4[:, :1, :, :1].astype(acc)
+    d = np.subtract(x4, shift, dtype=acc)
+    mu = d.sum(axis=_RED, keepdims=True)
+    mu /= m
+    d -= mu
+    var = np.square(d).sum(axis=_RED, keepdims=True)
+    var /= m
+    var += eps
+    rstd = np.sqrt(var, out=var)
+    np.divide(1, rstd, out=rstd)
+    if y4 is not None:
+        d *= gam[:, None] * rstd
+        d += bet[:, None]
+        _put(y4, d, y_req)
+    return (shift + mu).reshape(-1), rstd.reshape(-1)
+
+
+def _small_backward(x4, g4, dx4, gam, mean, rstd, acc, dx_req):
+    n, _, c, _ = x4.shape
+    m = x4.shape[1] * x4.shape[3]
+    mean = mean.reshape(n, 1, c, 1)
+    rstd = rstd.reshape(n, 1, c, 1)
+    g = g4.astype(acc)
+    xhat = np.subtract(x4, mean, dtype=acc)
+    xhat *= rstd
+    sum_g = g.sum(axis=_RED, keepdims=True)
+    sum_gxhat = (g * xhat).sum(axis=_RED, keepdims=True)
+    if dx4 is not None:
+        # dx = k (g - c1 - x_hat c2)
+        xhat *= sum_gxhat / m
+        g -= xhat
+        g -= sum_g / m
+        g *= gam[:, None] * rstd
+        _put(dx4, g, dx_req)
+    return sum_g.reshape(-1), sum_gxhat.reshape(-1)
 
 
 # --------------------------------------------------------------- drivers --
@@ -577,6 +651,21 @@ def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
         rstd.fill(np.nan)
         return out, mean.reshape(n, c), rstd.reshape(n, c)
 
+    fused = _fused() if x.dtype == acc else None
+    if x.size <= _SMALL_ELEMS:
+        y4 = None if out is None else out.reshape(n, a, c, b)
+        if y4 is not None and not np.may_share_memory(y4, out):
+            y4 = None  # a strided out: compute into a temporary below
+        if out is not None and y4 is None:
+            tmp = np.empty((n, a, c, b), x.dtype)
+            if req == "add":
+                np.copyto(tmp, out.reshape(n, a, c, b))
+            m_, r_ = _small_forward(x.reshape(n, a, c, b), gamma, beta, eps, acc, tmp, req)
+            np.copyto(out, tmp.reshape(x.shape))
+        else:
+            m_, r_ = _small_forward(x.reshape(n, a, c, b), gamma, beta, eps, acc, y4, req)
+        return out, m_.reshape(n, c), r_.reshape(n, c)
+
     plan = _Plan(x.shape, axis, acc, block_bytes or DEFAULT_BLOCK_BYTES)
     if plan.transpose:
         rows = plan.to_rows(x)
@@ -596,7 +685,6 @@ def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
     yv = plan.view(y_target)
 
     gam, bet = plan.per_instance(gamma), plan.per_instance(beta)
-    fused = _fused() if x.dtype == acc else None
     if fused is not None:
         loop = fused.forward_rows if plan.red == 1 else fused.forward_slab
         write_y, add = yv is not None, req == "add"
@@ -703,7 +791,22 @@ def instance_norm_backward(dy, x, gamma, mean=None, rstd=None, eps=1e-3, axis=1,
 
     sum_g = np.zeros(n * c, acc)
     sum_gxhat = np.zeros(n * c, acc)
-    if x.size and n * c:
+    fused = _fused() if x.dtype == acc else None
+    if x.size and n * c and x.size <= _SMALL_ELEMS:
+        dx4 = None if dx is None else dx.reshape(n, a, c, b)
+        if dx4 is not None and not np.may_share_memory(dx4, dx):
+            tmp = np.empty((n, a, c, b), x.dtype)
+            if dx_req == "add":
+                np.copyto(tmp, dx.reshape(n, a, c, b))
+            sg, sgx = _small_backward(x.reshape(n, a, c, b), dy.reshape(n, a, c, b), tmp,
+                                      gam, mean, rstd, acc, dx_req)
+            np.copyto(dx, tmp.reshape(x.shape))
+        else:
+            sg, sgx = _small_backward(x.reshape(n, a, c, b), dy.reshape(n, a, c, b), dx4,
+                                      gam, mean, rstd, acc, dx_req)
+        sum_g[:] = sg
+        sum_gxhat[:] = sgx
+    elif x.size and n * c:
         plan = _Plan(x.shape, axis, acc, block_bytes or DEFAULT_BLOCK_BYTES)
         if plan.transpose:
             rows_x, rows_dy = plan.to_rows(x), plan.to_rows(dy)
@@ -728,7 +831,6 @@ def instance_norm_backward(dy, x, gamma, mean=None, rstd=None, eps=1e-3, axis=1,
         dxv = plan.view(dx_target)
 
         gam_i = plan.per_instance(gam)
-        fused = _fused() if x.dtype == acc else None
         if fused is not None:
             loop = fused.backward_rows if plan.red == 1 else fused.backward_slab
             write_dx, add = dxv is not None, dx_req == "add"
