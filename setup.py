@@ -31,6 +31,9 @@ setup(
     extras_require={
         # The test suite; torch (if installed) is an optional extra reference.
         "test": ["pytest>=7"],
+        # Optional fused loops for the CPU kernel (MX_INSTNORM_KERNEL); the
+        # NumPy path is the default fallback. numba < 0.61 keeps numpy < 1.24.
+        "numba": ["numba>=0.56,<0.61"],
         # `python -m mx_instnorm.bench --plot FILE`
         "bench": ["matplotlib"],
         # ONNX export: MXNet 1.9.1's exporter needs onnx.mapping (onnx < 1.15).
