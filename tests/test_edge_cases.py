@@ -144,6 +144,43 @@ def test_empty_batch(path, dtype):
         assert np.array_equal(b.grad.asnumpy(), np.zeros(3, dtype))
 
 
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_empty_batch_gluon(path, hybridize):
+    """The block on an empty batch (NumPy shape semantics, as above):
+    empty output, backward runs, parameter gradients are zero."""
+    with mx.util.np_shape(True):
+        block = InstanceNorm(scale=True, in_channels=3)
+        block.initialize()
+        if hybridize:
+            block.hybridize()
+        x = mx.nd.array(np.zeros((0, 3, 4)))
+        x.attach_grad()
+        with mx.autograd.record():
+            y = block(x)
+        y.backward()
+        assert y.shape == (0, 3, 4)
+        assert x.grad.shape == (0, 3, 4)
+        assert np.array_equal(block.gamma.grad().asnumpy(), np.zeros(3, np.float32))
+        assert np.array_equal(block.beta.grad().asnumpy(), np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("record", [False, True], ids=["plain", "recording"])
+def test_empty_batch_legacy_shape_rules(path, record):
+    """Under MXNet's default (legacy) shape rules the nd function still
+    returns an empty result of the right shape (MXNet's own ops, even relu,
+    and the built-in InstanceNorm, fail or crash here; gradients cannot be
+    attached to such an array)."""
+    x = mx.nd.array(np.zeros((0, 3, 4)))
+    gamma, beta = mx.nd.array([1.5, -2.0, 0.5]), mx.nd.array([0.1, 0.2, 0.3])
+    if record:
+        with mx.autograd.record():
+            y = mx_instnorm.nd.InstanceNorm(x, gamma, beta)
+    else:
+        y = mx_instnorm.nd.InstanceNorm(x, gamma, beta)
+    assert y.shape == (0, 3, 4) and y.dtype == np.float32
+    assert y.asnumpy().shape == (0, 3, 4)
+
+
 @pytest.mark.usefixtures("kernel_impl")
 @pytest.mark.parametrize("axis", [1, -1])
 def test_empty_batch_kernel(axis):
