@@ -3,7 +3,8 @@
 Both validate what they can see before anything runs (eps, axis, and for
 NDArrays shapes and dtypes), so bad input raises a clear ``ValueError`` or
 ``TypeError`` here rather than an opaque failure inside the CustomOp's
-callbacks, and wrap the data in :func:`layout_guard` (see docs/onednn.md).
+callbacks, and put the layout guards of :mod:`._onednn` around the op
+(see docs/onednn.md).
 """
 import mxnet as mx
 
