@@ -81,7 +81,7 @@ class InstanceNorm(HybridBlock):
         self._kwargs = {'eps': epsilon, 'axis': axis, 'center': center, 'scale': scale}
         self._axis = axis
         self._epsilon = epsilon
-        self._rank = None
+        self._layout = None  # (rank, empty) of the data, when known
         self.gamma = self.params.get('gamma', grad_req='write' if scale else 'null',
                                      shape=(in_channels,), init=gamma_initializer,
                                      allow_deferred_init=True)
@@ -94,9 +94,11 @@ class InstanceNorm(HybridBlock):
         # clear message in hybridized mode too.
         if isinstance(x, mx.nd.NDArray):
             channels = _params.check_data_shape(x.shape, self._axis)
-            if self._rank != x.ndim:
-                # The graph's layout guard depends on the rank.
-                self._rank = x.ndim
+            layout = (x.ndim, 0 in x.shape)
+            if self._layout != layout:
+                # The graph's layout guard depends on the rank, and oneDNN's
+                # in-place reshape fails on empty arrays in backward.
+                self._layout = layout
                 self._clear_cached_op()
             known = self.gamma.shape[0] if self.gamma.shape else 0
             if known and known != channels:
@@ -108,9 +110,10 @@ class InstanceNorm(HybridBlock):
     def hybrid_forward(self, F, x, gamma, beta):
         # Layout guards against MXNet 1.9.1's oneDNN fallback (see
         # docs/onednn.md): the in-place guard before the data only covers
-        # ranks <= 4, and the rank is unknown when a hybridized parent
-        # builds the graph; every CachedOp graph needs the output guard.
-        copy_input = self._rank is None or self._rank > 4
+        # non-empty data of rank <= 4, and the rank is unknown when a
+        # hybridized parent builds the graph; every CachedOp graph needs the
+        # output guard.
+        copy_input = self._layout is None or self._layout[0] > 4 or self._layout[1]
         return instance_norm(F, x, gamma, beta, self._epsilon, self._axis, name='fwd',
                              copy_in_graph=True, copy_input=copy_input)
 
