@@ -316,6 +316,24 @@ def test_gluon_forward_axis_out_of_range(rng, usable):
     usable()
 
 
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_gluon_forward_dtype_mismatch(rng, usable, hybridize):
+    """float64 data into a float32 block: a TypeError naming both dtypes,
+    raised before a graph is built (MXNet would give a bare MXNetError)."""
+    block = InstanceNorm(in_channels=3)
+    block.initialize()
+    if hybridize:
+        block.hybridize()
+    x = rng.standard_normal((2, 3, 5))
+    with pytest.raises(TypeError, match="gamma/beta dtype float32 does not match data "
+                                        "dtype float64"):
+        block(mx.nd.array(x, dtype="float64"))
+    block.cast("float64")
+    assert_close(block(mx.nd.array(x, dtype="float64")).asnumpy(),
+                 ref_forward(x, np.ones(3), np.zeros(3), 1e-5)[0], np.float64)
+    usable()
+
+
 # -------------------------------------------------- kernel and environment --
 
 def test_kernel_rejects_integer_data(rng):

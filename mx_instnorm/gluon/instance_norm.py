@@ -105,6 +105,11 @@ class InstanceNorm(HybridBlock):
                 raise ValueError(
                     "%s was built for %d channels but data of shape %s has %d "
                     "on axis %d" % (self.name, known, x.shape, channels, self._axis))
+            try:
+                _params.check_dtypes(x.dtype, self.gamma.dtype, self.beta.dtype)
+            except TypeError as err:
+                raise TypeError("%s: %s; cast the block (block.cast(dtype)) or the "
+                                "data" % (self.name, err)) from None
         return super().forward(x, *args)
 
     def hybrid_forward(self, F, x, gamma, beta):
