@@ -429,7 +429,8 @@ _SMALL_ELEMS = 8192
 _RED = (1, 3)
 
 
-def _small_forward(x4, gam, bet, eps, acc, y4, y_req):
+def _small_forward(x4, gam, bet, eps, acc, want_y):
+    """``(y, mean, rstd)``; ``y`` in ``acc`` (or None), for the caller to put."""
     m = x4.shape[1] * x4.shape[3]
     shift = x4[:, :1, :, :1].astype(acc)
     d = np.subtract(x4, shift, dtype=acc)
@@ -441,14 +442,16 @@ def _small_forward(x4, gam, bet, eps, acc, y4, y_req):
     var += eps
     rstd = np.sqrt(var, out=var)
     np.divide(1, rstd, out=rstd)
-    if y4 is not None:
+    y = None
+    if want_y:
         d *= gam[:, None] * rstd
         d += bet[:, None]
-        _put(y4, d, y_req)
-    return (shift + mu).reshape(-1), rstd.reshape(-1)
+        y = d
+    return y, (shift + mu).reshape(-1), rstd.reshape(-1)
 
 
-def _small_backward(x4, g4, dx4, gam, mean, rstd, acc, dx_req):
+def _small_backward(x4, g4, gam, mean, rstd, acc, want_dx):
+    """``(dx, sum g, sum g x_hat)``; ``dx`` in ``acc`` (or None)."""
     n, _, c, _ = x4.shape
     m = x4.shape[1] * x4.shape[3]
     mean = mean.reshape(n, 1, c, 1)
@@ -458,14 +461,15 @@ def _small_backward(x4, g4, dx4, gam, mean, rstd, acc, dx_req):
     xhat *= rstd
     sum_g = g.sum(axis=_RED, keepdims=True)
     sum_gxhat = (g * xhat).sum(axis=_RED, keepdims=True)
-    if dx4 is not None:
+    dx = None
+    if want_dx:
         # dx = k (g - c1 - x_hat c2)
         xhat *= sum_gxhat / m
         g -= xhat
         g -= sum_g / m
         g *= gam[:, None] * rstd
-        _put(dx4, g, dx_req)
-    return sum_g.reshape(-1), sum_gxhat.reshape(-1)
+        dx = g
+    return dx, sum_g.reshape(-1), sum_gxhat.reshape(-1)
 
 
 # --------------------------------------------------------------- drivers --
@@ -653,18 +657,11 @@ def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
 
     fused = _fused() if x.dtype == acc else None
     if x.size <= _SMALL_ELEMS:
-        y4 = None if out is None else out.reshape(n, a, c, b)
-        if y4 is not None and not np.may_share_memory(y4, out):
-            y4 = None  # a strided out: compute into a temporary below
-        if out is not None and y4 is None:
-            tmp = np.empty((n, a, c, b), x.dtype)
-            if req == "add":
-                np.copyto(tmp, out.reshape(n, a, c, b))
-            m_, r_ = _small_forward(x.reshape(n, a, c, b), gamma, beta, eps, acc, tmp, req)
-            np.copyto(out, tmp.reshape(x.shape))
-        else:
-            m_, r_ = _small_forward(x.reshape(n, a, c, b), gamma, beta, eps, acc, y4, req)
-        return out, m_.reshape(n, c), r_.reshape(n, c)
+        y, small_mean, small_rstd = _small_forward(x.reshape(n, a, c, b), gamma, beta, eps,
+                                                   acc, out is not None)
+        if out is not None:
+            _put(out, y.reshape(x.shape), req)
+        return out, small_mean.reshape(n, c), small_rstd.reshape(n, c)
 
     plan = _Plan(x.shape, axis, acc, block_bytes or DEFAULT_BLOCK_BYTES)
     if plan.transpose:
@@ -793,19 +790,11 @@ def instance_norm_backward(dy, x, gamma, mean=None, rstd=None, eps=1e-3, axis=1,
     sum_gxhat = np.zeros(n * c, acc)
     fused = _fused() if x.dtype == acc else None
     if x.size and n * c and x.size <= _SMALL_ELEMS:
-        dx4 = None if dx is None else dx.reshape(n, a, c, b)
-        if dx4 is not None and not np.may_share_memory(dx4, dx):
-            tmp = np.empty((n, a, c, b), x.dtype)
-            if dx_req == "add":
-                np.copyto(tmp, dx.reshape(n, a, c, b))
-            sg, sgx = _small_backward(x.reshape(n, a, c, b), dy.reshape(n, a, c, b), tmp,
-                                      gam, mean, rstd, acc, dx_req)
-            np.copyto(dx, tmp.reshape(x.shape))
-        else:
-            sg, sgx = _small_backward(x.reshape(n, a, c, b), dy.reshape(n, a, c, b), dx4,
-                                      gam, mean, rstd, acc, dx_req)
-        sum_g[:] = sg
-        sum_gxhat[:] = sgx
+        small_dx, sum_g[:], sum_gxhat[:] = _small_backward(
+            x.reshape(n, a, c, b), dy.reshape(n, a, c, b), gam, mean, rstd, acc,
+            dx is not None)
+        if dx is not None:
+            _put(dx, small_dx.reshape(x.shape), dx_req)
     elif x.size and n * c:
         plan = _Plan(x.shape, axis, acc, block_bytes or DEFAULT_BLOCK_BYTES)
         if plan.transpose:
