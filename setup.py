@@ -29,15 +29,23 @@ setup(
         "numpy>=1.17,<1.24",
     ],
     extras_require={
-        # The test suite; torch (if installed) is an optional extra reference.
-        "test": ["pytest>=7"],
+        # The test suite also exercises the optional Numba loops and the ONNX
+        # export (onnxruntime 1.31.1, the release verified here, ships
+        # wheels for Python >= 3.11 only; on older Pythons those tests skip).
+        "test": [
+            "pytest>=7",
+            "numba>=0.56,<0.61",
+            "onnx==1.14.1; python_version=='3.11'",
+            "onnxruntime==1.31.1; python_version=='3.11'",
+        ],
         # Optional fused loops for the CPU kernel (MX_INSTNORM_KERNEL); the
         # NumPy path is the default fallback. numba < 0.61 keeps numpy < 1.24.
         "numba": ["numba>=0.56,<0.61"],
         # `python -m mx_instnorm.bench --plot FILE`
         "bench": ["matplotlib"],
-        # ONNX export: MXNet 1.9.1's exporter needs onnx.mapping (onnx < 1.15).
-        "onnx": ["onnx==1.14.1", "onnxruntime==1.31.1"],
+        # ONNX export: MXNet 1.9.1's exporter needs onnx.mapping (onnx < 1.15);
+        # verified with onnxruntime 1.31.1 on Python 3.11.
+        "onnx": ["onnx==1.14.1", "onnxruntime==1.31.1; python_version=='3.11'"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",
