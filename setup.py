@@ -23,6 +23,7 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mx_instnorm", "mx_instnorm.*"]),
+    license="Apache-2.0",
     python_requires=">=3.8,<3.12",
     install_requires=[
         "mxnet>=1.6,<2",
@@ -53,7 +54,6 @@ setup(
         "Programming Language :: Python :: 3.9",
         "Programming Language :: Python :: 3.10",
         "Programming Language :: Python :: 3.11",
-        "License :: OSI Approved :: Apache Software License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )
