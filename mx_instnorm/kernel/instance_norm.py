@@ -223,9 +223,48 @@ def _pool(num_workers):
         return pool
 
 
-def _run_parallel(work, tasks, num_threads, nbytes):
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+_madvise = None
+
+
+def _prefault(arr):
+    """Map ``arr``'s pages writable in one system call, if they are not yet.
+
+    An output MXNet has just allocated is fresh memory: each page faults on
+    its first write, and threads faulting pages of the same process in
+    parallel serialize in the kernel, so badly that two threads writing a
+    fresh 32 MiB output took 4 to 8 times longer than one. A single
+    ``madvise(MADV_POPULATE_WRITE)`` maps them all (70 us for 32 MiB
+    already mapped). Where the call is not available (not Linux, older
+    kernels) nothing happens.
+    """
+    global _madvise
+    if _madvise is None:
+        try:
+            import ctypes
+            import ctypes.util
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
+                               use_errno=True)
+            fn = libc.madvise
+            fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            fn.restype = ctypes.c_int
+            _madvise = fn
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise or arr is None or not arr.nbytes:
+        return
+    page = 4096
+    start = arr.__array_interface__["data"][0]
+    first = start & ~(page - 1)
+    last = (start + arr.nbytes + page - 1) & ~(page - 1)
+    if _madvise(first, last - first, _MADV_POPULATE_WRITE) != 0:
+        _madvise = False  # EINVAL on kernels without it: stop trying
+
+
+def _run_parallel(work, tasks, num_threads, nbytes, outputs=()):
     """Run ``work(task)`` for every task, split into contiguous chunks over
-    ``num_threads`` threads (the caller's thread takes the first chunk)."""
+    ``num_threads`` threads (the caller's thread takes the first chunk).
+    ``outputs``: arrays the tasks write, prefaulted before going parallel."""
     if num_threads is None:
         num_threads = default_num_threads()
     num_threads = min(int(num_threads), len(tasks))
@@ -233,6 +272,8 @@ def _run_parallel(work, tasks, num_threads, nbytes):
         for task in tasks:
             work(task)
         return
+    for out in outputs:
+        _prefault(out)
     bounds = np.linspace(0, len(tasks), num_threads + 1).astype(int)
     chunks = [tasks[bounds[i]:bounds[i + 1]] for i in range(num_threads)]
 
@@ -699,7 +740,7 @@ def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
                 plan.block(xv, task), plan.block(yv, task), plan.red,
                 plan.params(gam, task), plan.params(bet, task), eps, acc, req)
 
-    _run_parallel(work, plan.tasks, num_threads, x.nbytes)
+    _run_parallel(work, plan.tasks, num_threads, x.nbytes, (y_target,))
     if y_target is not out and out is not None:
         np.copyto(out, y_target)
     return out, mean.reshape(n, c), rstd.reshape(n, c)
@@ -839,7 +880,7 @@ def instance_norm_backward(dy, x, gamma, mean=None, rstd=None, eps=1e-3, axis=1,
                     plan.red, plan.params(gam_i, task), mean[idx], rstd[idx], acc,
                     dx_req)
 
-        _run_parallel(work, plan.tasks, num_threads, x.nbytes)
+        _run_parallel(work, plan.tasks, num_threads, x.nbytes, (dx_target,))
         if dx_target is not dx and dx is not None:
             np.copyto(dx, dx_target)
     elif dx is not None and dx_req == "write":
