@@ -498,15 +498,23 @@ def _plot(rows, path):
                          "(or pip install matplotlib)")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     provs = sorted({p for c, m, p, *_ in rows if m == "fwd" and not _is_tiny(c)})
-    for prov in provs:
-        pts = sorted((nb / 2, nb / s / 1e9) for c, m, p, s, nb in rows
-                     if m == "fwd" and p == prov and not _is_tiny(c))
-        ax.plot([p[0] / 2 ** 20 for p in pts], [p[1] for p in pts], "o-", label=prov)
+    for i, prov in enumerate(provs):
+        color = "C%d" % (i % 10)
+        # Channels-first cases as a line over size; channels-last ones
+        # (which can share a size with another case) as hollow squares.
+        for nhwc, style in ((False, "o-"), (True, "s")):
+            pts = sorted((nb / 2, nb / s / 1e9) for c, m, p, s, nb in rows
+                         if m == "fwd" and p == prov and not _is_tiny(c)
+                         and c.startswith("nhwc") == nhwc)
+            if pts:
+                ax.plot([p[0] / 2 ** 20 for p in pts], [p[1] for p in pts], style,
+                        color=color, mfc="none" if nhwc else color,
+                        label=None if nhwc else prov)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("tensor size (MiB)")
     ax.set_ylabel("forward throughput (GB/s, read x + write y)")
-    ax.set_title("InstanceNorm forward, float32")
+    ax.set_title("InstanceNorm forward, float32 (hollow squares: channels last)")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
