@@ -630,6 +630,18 @@ def _contiguous(arr):
     return arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
 
 
+def _write_target(out, req):
+    """Where the blocks write ``out``: itself when C-contiguous, else a
+    contiguous temporary (holding ``out``'s values for ``'add'``) that the
+    caller copies back."""
+    if out is None or out.flags.c_contiguous:
+        return out
+    target = np.empty(out.shape, out.dtype)
+    if req == "add":
+        np.copyto(target, out)
+    return target
+
+
 def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
                           req="write", num_threads=None, block_bytes=None):
     r"""Instance normalization forward pass.
@@ -716,10 +728,7 @@ def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
         return out, sub_mean, sub_rstd
 
     xv = plan.view(_contiguous(x))
-    # A non-contiguous out is written through a contiguous temporary.
-    y_target = out if out is None or out.flags.c_contiguous else np.empty(x.shape, x.dtype)
-    if y_target is not out and req == "add":
-        np.copyto(y_target, out)
+    y_target = _write_target(out, req)
     yv = plan.view(y_target)
 
     gam, bet = plan.per_instance(gamma), plan.per_instance(beta)
@@ -855,9 +864,7 @@ def instance_norm_backward(dy, x, gamma, mean=None, rstd=None, eps=1e-3, axis=1,
             return dx, dgamma, dbeta
 
         xv, gv = plan.view(_contiguous(x)), plan.view(_contiguous(dy))
-        dx_target = dx if dx is None or dx.flags.c_contiguous else np.empty(x.shape, x.dtype)
-        if dx_target is not dx and dx_req == "add":
-            np.copyto(dx_target, dx)
+        dx_target = _write_target(dx, dx_req)
         dxv = plan.view(dx_target)
 
         gam_i = plan.per_instance(gam)
