@@ -525,3 +525,28 @@ def test_large_offset_beats_builtin(path, rng):
     print("\nlarge offset (%s path): max abs error ours %.3g, built-in %.3g"
           % (path, err_ours, err_builtin))
     assert err_ours * 10 < err_builtin
+
+
+# ------------------------------------------------------------ thread counts --
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+@pytest.mark.parametrize("shape,axis", [((4, 16, 48, 48), 1), ((4, 48, 48, 16), -1)])
+def test_thread_counts_match_reference(path, rng, monkeypatch, threads, shape, axis):
+    """Tensors above the kernel's single-thread threshold (512 KiB) through
+    the operator, forward and all three gradients, for each thread count."""
+    monkeypatch.setenv("MX_INSTNORM_NUM_THREADS", threads)
+    x, gamma, beta = random_inputs(rng, shape, axis, np.float32)
+    assert x.nbytes > 512 * 1024
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, (dx, dgamma, dbeta) = autograd_run(ours_nd(axis=axis), [x, gamma, beta], dy)
+    y_ref, mean, var = ref_forward(x, gamma, beta, 1e-3, axis)
+    dx_ref, dgamma_ref, dbeta_ref = ref_backward(dy, x, gamma, 1e-3, axis)
+    assert_close(y, y_ref, np.float32)
+    assert_close(dx, dx_ref, np.float32)
+    # dgamma/dbeta sum N*H*W = 9216 terms each, with cancellation: the bound
+    # is a few float32 ulps of the sum of the terms' magnitudes.
+    other = tuple(i for i in range(len(shape)) if i != axis % len(shape))
+    xhat = (x - mean) / np.sqrt(var + 1e-3)
+    for got, want, terms in ((dgamma, dgamma_ref, dy * xhat), (dbeta, dbeta_ref, dy)):
+        bound = 4 * np.finfo(np.float32).eps * np.abs(terms).sum(axis=other)
+        assert np.all(np.abs(got - want) <= bound), (np.abs(got - want) / bound).max()
