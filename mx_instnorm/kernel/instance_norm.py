@@ -31,13 +31,23 @@ Forward
 ``eps`` sits inside the square root, as MXNet's code (not its docstring)
 has it. ``r`` is called ``rstd`` below.
 
-Statistics use a shifted two-pass algorithm. Each instance is first shifted
-by its own first element ``K`` (``d = x - K`` is exact or nearly so for data
-with a large common offset), then ``mu' = mean(d)``, ``d -= mu'`` and
-``var = mean(d * d)``; ``mu = K + mu'``. A one-pass ``E[x^2] - E[x]^2`` loses
-every digit when the offset is large against the spread; this does not.
-float16 data is accumulated in float32, float32 in float32, float64 in
-float64.
+Statistics are computed on shifted data. Each instance is first shifted by
+its own first element ``K`` (``d = x - K`` is exact or nearly so for data
+with a large common offset) and ``mu' = mean(d)``, ``mu = K + mu'``. A
+one-pass ``E[x^2] - E[x]^2`` on ``x`` loses every digit when the offset is
+large against the spread; on ``d`` it does not, as long as ``K`` is not far
+out in its instance. The variance is then, by implementation:
+
+* small inputs (at most ``_SMALL_ELEMS`` elements) and the Numba loops:
+  two-pass, ``var = mean((d - mu')^2)``;
+* the NumPy blocks: ``var = mean(d * d) - mu'^2`` (BLAS sums, one pass
+  fewer), recomputed two-pass for the instances whose ``K`` lies more than
+  4 standard deviations from their mean, where that difference would
+  cancel.
+
+Sums over long rows go through BLAS dots, sums down the columns of a
+channels-last slab through 128-row chunks. float16 data is accumulated in
+float32, float32 in float32, float64 in float64.
 
 Backward
 --------
