@@ -152,7 +152,7 @@ def test_sym_creation_error(usable, kwargs, exc, message):
 
 
 def test_sym_rejects_non_symbol(rng, usable):
-    with pytest.raises(TypeError, match="gamma must be an Symbol, got NDArray"):
+    with pytest.raises(TypeError, match="gamma must be a Symbol, got NDArray"):
         mx_instnorm.sym.InstanceNorm(mx.sym.var("x"), _arr(rng, (3,)))
     usable()
 
@@ -254,10 +254,10 @@ def test_raw_custom_bad_keyword_raises_not_crashes(kw, value, message):
 GLUON_CTOR_CASES = [
     ({"axis": 0}, ValueError, "axis 0 is the batch axis"),
     ({"axis": "c"}, TypeError, "axis must be an integer, got 'c'"),
-    ({"epsilon": -1e-5}, ValueError, "eps must be a finite number >= 0, got -1e-05"),
-    ({"epsilon": float("nan")}, ValueError, "eps must be a finite number >= 0, got nan"),
-    ({"epsilon": "abc"}, TypeError, "eps must be a number, got 'abc'"),
-    ({"epsilon": True}, TypeError, "eps must be a number, got True"),
+    ({"epsilon": -1e-5}, ValueError, "epsilon must be a finite number >= 0, got -1e-05"),
+    ({"epsilon": float("nan")}, ValueError, "epsilon must be a finite number >= 0, got nan"),
+    ({"epsilon": "abc"}, TypeError, "epsilon must be a number, got 'abc'"),
+    ({"epsilon": True}, TypeError, "epsilon must be a number, got True"),
     ({"in_channels": -1}, ValueError, "in_channels must be an integer >= 0, got -1"),
     ({"in_channels": 2.5}, ValueError, "in_channels must be an integer >= 0, got 2.5"),
 ]

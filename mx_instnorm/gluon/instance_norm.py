@@ -73,7 +73,7 @@ class InstanceNorm(HybridBlock):
         axis = _params.parse_axis(axis)
         if axis == 0:
             _params.normalize_axis(axis, 3)  # raises: the batch axis
-        _params.parse_eps(epsilon)
+        _params.parse_eps(epsilon, 'epsilon')
         if not isinstance(in_channels, int) or isinstance(in_channels, bool) \
                 or in_channels < 0:
             raise ValueError("in_channels must be an integer >= 0, got %r"

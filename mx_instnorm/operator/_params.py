@@ -16,26 +16,27 @@ __all__ = ["parse_eps", "parse_axis", "normalize_axis", "check_data_shape",
 SUPPORTED_DATA_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-def parse_eps(value):
+def parse_eps(value, name="eps"):
     """``eps`` as a float: a finite number >= 0, given as a number or a
-    string holding one.
+    string holding one. ``name`` is the argument's name in messages (the
+    Gluon block calls it ``epsilon``).
 
     >>> parse_eps("0.001"), parse_eps(1e-5)
     (0.001, 1e-05)
     """
     if isinstance(value, (bool, np.bool_)):
-        raise TypeError("eps must be a number, got %r" % (value,))
+        raise TypeError("%s must be a number, got %r" % (name, value))
     if isinstance(value, str):
         try:
             eps = float(value.strip())
         except ValueError:
-            raise TypeError("eps must be a number, got %r" % (value,)) from None
+            raise TypeError("%s must be a number, got %r" % (name, value)) from None
     elif isinstance(value, numbers.Real):
         eps = float(value)
     else:
-        raise TypeError("eps must be a number, got %r" % (value,))
+        raise TypeError("%s must be a number, got %r" % (name, value))
     if math.isnan(eps) or math.isinf(eps) or eps < 0:
-        raise ValueError("eps must be a finite number >= 0, got %r" % (value,))
+        raise ValueError("%s must be a finite number >= 0, got %r" % (name, value))
     return eps
 
 

@@ -38,8 +38,9 @@ def instance_norm(F, data, gamma, beta, eps, axis, name=None, out=None,
 
 def _expect(kind, name, value):
     if not isinstance(value, kind):
-        raise TypeError("%s must be an %s, got %s"
-                        % (name, kind.__name__, type(value).__name__))
+        article = "an" if kind.__name__[0] in "AEIOUN" else "a"
+        raise TypeError("%s must be %s %s, got %s"
+                        % (name, article, kind.__name__, type(value).__name__))
 
 
 def nd_instance_norm(data, gamma, beta, eps=1e-3, axis=1, out=None, name=None):
