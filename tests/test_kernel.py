@@ -119,6 +119,17 @@ def test_backward_matches_reference(rng, shape, axis, dtype):
         assert_close(dbeta / scale, db_ref / scale, dtype, "dbeta")
 
 
+def _central_difference(f, arr, idx, h):
+    """(f(arr[idx] + h) - f(arr[idx] - h)) / 2h, restoring arr[idx]."""
+    orig = arr[idx]
+    arr[idx] = orig + h
+    up = f()
+    arr[idx] = orig - h
+    down = f()
+    arr[idx] = orig
+    return (up - down) / (2 * h)
+
+
 @pytest.mark.parametrize("shape,axis", [((2, 3, 5), 1), ((2, 3, 4), -1), ((2, 3, 2, 3), 2),
                                         ((1, 2, 3, 2, 2), 2)])
 def test_backward_matches_finite_differences(rng, shape, axis):
@@ -134,15 +145,8 @@ def test_backward_matches_finite_differences(rng, shape, axis):
 
     def numeric(arr, f):
         grad = np.zeros_like(arr)
-        h = 1e-6
         for idx in np.ndindex(arr.shape):
-            orig = arr[idx]
-            arr[idx] = orig + h
-            up = f()
-            arr[idx] = orig - h
-            down = f()
-            arr[idx] = orig
-            grad[idx] = (up - down) / (2 * h)
+            grad[idx] = _central_difference(f, arr, idx, 1e-6)
         return grad
 
     f = lambda: loss(x, gamma, beta)  # noqa: E731
@@ -165,13 +169,7 @@ def test_backward_matches_finite_differences_large(rng, shape, axis):
         return float(np.sum(w * instance_norm_forward(x, gamma, beta, eps=eps, axis=axis)[0]))
 
     def central(arr, idx):
-        orig = arr[idx]
-        arr[idx] = orig + h
-        up = loss()
-        arr[idx] = orig - h
-        down = loss()
-        arr[idx] = orig
-        return (up - down) / (2 * h)
+        return _central_difference(loss, arr, idx, h)
 
     dx, dgamma, dbeta = instance_norm_backward(w, x, gamma, eps=eps, axis=axis)
     flat = rng.choice(x.size, 24, replace=False)
