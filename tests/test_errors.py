@@ -250,6 +250,125 @@ def test_raw_custom_bad_keyword_raises_not_crashes(kw, value, message):
     assert message in out + proc.stderr.decode(errors="replace")
 
 
+_RAW_UNKNOWN_KEYWORD = """
+import mxnet as mx, mx_instnorm
+from mxnet.base import MXNetError
+x = mx.nd.array([[[1.0, 2.0, 4.0]]])
+try:
+    mx.nd.Custom(x, mx.nd.ones(1), mx.nd.zeros(1), op_type=mx_instnorm.OP_TYPE,
+                 epsilon='1e-5').wait_to_read()
+except MXNetError:
+    print('raised nd')
+try:
+    mx.sym.Custom(mx.sym.var('x'), mx.sym.var('g'), mx.sym.var('b'),
+                  op_type=mx_instnorm.OP_TYPE, eps='1e-5', momentum='0.9').infer_shape(x=(1, 1, 3))
+except MXNetError:
+    print('raised sym')
+print('usable', mx_instnorm.nd.InstanceNorm(x, mx.nd.ones(1), mx.nd.zeros(1)).shape)
+"""
+
+
+def test_raw_custom_unknown_keyword_does_not_kill_the_process():
+    """An unknown keyword used to make the Prop's constructor raise inside a
+    ctypes callback: a segmentation fault. Subprocess: a crash fails only
+    this test."""
+    proc = subprocess.run([sys.executable, "-c", _RAW_UNKNOWN_KEYWORD],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, "process died (rc %d): %s" % (
+        proc.returncode, proc.stderr.decode(errors="replace")[-600:])
+    assert "raised nd" in out and "raised sym" in out, out
+    assert "usable (1, 1, 3)" in out
+    assert "got unknown keyword epsilon='1e-5'; accepted keywords: eps, axis" in out
+    assert "got unknown keyword momentum='0.9'; accepted keywords: eps, axis" in out
+
+
+def test_raw_custom_unknown_keyword_message(rng, usable):
+    from mx_instnorm.operator._errors import explain_errors
+    with pytest.raises(MXNetError, match=re.escape(
+            "TypeError: mx_instnorm.InstanceNorm got unknown keywords epsilon='1e-5', "
+            "zeta='2'; accepted keywords: eps, axis")) as info:
+        with explain_errors():
+            mx.nd.Custom(_arr(rng, (2, 3, 4)), _arr(rng, (3,)), _arr(rng, (3,)),
+                         op_type=mx_instnorm.OP_TYPE, zeta="2", epsilon="1e-5").wait_to_read()
+    # The original MXNetError is kept as the cause, and our text comes first.
+    assert isinstance(info.value.__cause__, MXNetError)
+    assert str(info.value).startswith("TypeError: mx_instnorm.InstanceNorm got unknown")
+    usable()
+
+
+def test_mxnet_attributes_are_not_unknown_keywords(rng):
+    """MXNet passes an AttrScope's ``__ctx_group__``/``__lr_mult__`` to the
+    Prop with our keywords; they are accepted (they used to kill the
+    process like any keyword the constructor did not declare)."""
+    with mx.AttrScope(ctx_group="dev1", lr_mult="2"):
+        s = mx.sym.Custom(mx.sym.var("x"), mx.sym.var("g"), mx.sym.var("b"),
+                          op_type=mx_instnorm.OP_TYPE, eps="1e-5", name="n")
+    assert s.infer_shape(x=(2, 3, 4))[0] == [(2, 3, 4), (3,), (3,)]
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 1.5, 3), rng.standard_normal(3)
+    ex = s.bind(mx.cpu(), {"x": mx.nd.array(x), "g": mx.nd.array(gamma),
+                           "b": mx.nd.array(beta)})
+    assert_close(ex.forward()[0].asnumpy(),
+                 ref_forward(x, gamma.astype(np.float32), beta.astype(np.float32),
+                             1e-5)[0], np.float32)
+
+
+# The message MXNet's callback wrapper only prints reaches the exception
+# raised inside explain_errors(): first, with the exception's type name.
+@pytest.mark.parametrize("shapes,kwargs,message", SYM_BIND_CASES,
+                         ids=[c[2][:20] for c in SYM_BIND_CASES])
+def test_explain_errors_sym_bind(usable, shapes, kwargs, message):
+    from mx_instnorm.operator._errors import explain_errors
+    s = mx_instnorm.sym.InstanceNorm(name="n", **kwargs)
+    # simple_bind re-raises MXNet's error as a plain RuntimeError: same class.
+    with pytest.raises(RuntimeError, match=r"^ValueError: .*" + re.escape(message)):
+        with explain_errors():
+            s.simple_bind(mx.cpu(), **shapes)
+    usable()
+
+
+@pytest.mark.parametrize("types,message", [
+    ({"n_data": np.int32}, "data must be float16, float32 or float64, got int32"),
+    ({"n_data": np.float64, "n_gamma": np.float32},
+     "gamma/beta dtype float32 does not match data dtype float64"),
+], ids=["int32", "mismatch"])
+def test_explain_errors_infer_type(usable, types, message):
+    from mx_instnorm.operator._errors import explain_errors
+    s = mx_instnorm.sym.InstanceNorm(name="n")
+    with pytest.raises(MXNetError, match=r"^TypeError: .*" + re.escape(message)):
+        with explain_errors():
+            s.infer_type(**types)
+    usable()
+
+
+def test_explain_errors_leaves_other_errors_alone(rng):
+    """An MXNetError of another operator, with nothing recorded by ours,
+    passes through unchanged, as does any other exception."""
+    from mx_instnorm.operator._errors import explain_errors
+    with pytest.raises(MXNetError) as info:
+        with explain_errors():
+            mx.nd.dot(_arr(rng, (2, 3)), _arr(rng, (4, 5))).wait_to_read()
+    assert "mx_instnorm" not in str(info.value) and info.value.__cause__ is None
+    with pytest.raises(KeyError):
+        with explain_errors():
+            raise KeyError("k")
+
+
+def test_explain_errors_is_a_decorator_and_nests(rng):
+    from mx_instnorm.operator._errors import explain_errors
+
+    @explain_errors()
+    def bind():
+        with explain_errors():
+            return mx_instnorm.sym.InstanceNorm(name="n").infer_shape(n_data=(2, 3))
+    with pytest.raises(MXNetError) as info:
+        bind()
+    # Explained once, not twice (MXNet's own text does not carry it).
+    assert str(info.value).count("got rank 2, shape (2, 3)") == 1
+    assert str(info.value).startswith("ValueError: InstanceNorm needs data of rank >= 3")
+
+
 # --------------------------------------------------------------- Gluon ------
 GLUON_CTOR_CASES = [
     ({"axis": 0}, ValueError, "axis 0 is the batch axis"),

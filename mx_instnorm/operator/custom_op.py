@@ -29,6 +29,7 @@ from mxnet.ndarray.ndarray import _DTYPE_MX_TO_NP
 
 from .. import kernel
 from . import _params
+from ._errors import record_errors
 from ._ndview import numpy_view
 
 __all__ = ["OP_TYPE", "InstanceNormOp", "InstanceNormProp", "selected_path"]
@@ -175,16 +176,24 @@ class InstanceNormOp(mx.operator.CustomOp):
 class InstanceNormProp(mx.operator.CustomOpProp):
     """Declares arguments, shapes, dtypes and backward dependencies."""
 
-    def __init__(self, eps="0.001", axis="1"):
+    def __init__(self, eps="0.001", axis="1", **others):
         super().__init__(need_top_grad=True)
         # MXNet calls this constructor from a ctypes callback that does not
         # catch exceptions (an exception here kills the process), so a bad
-        # keyword is kept and raised from infer_shape/infer_type instead,
-        # which MXNet turns into an MXNetError.
+        # or unknown keyword is kept and raised from infer_shape/infer_type/
+        # create_operator instead, which MXNet turns into an MXNetError.
         self._error = None
+        # MXNet passes its own attributes (``__ctx_group__``, ``__lr_mult__``
+        # from an AttrScope, ...) along with ours; they are not ours to judge.
+        unknown = sorted(k for k in others if not (k.startswith("__") and k.endswith("__")))
         try:
             self.eps = _params.parse_eps(eps)
             self.axis = _params.parse_axis(axis)
+            if unknown:
+                raise TypeError(
+                    "%s got unknown keyword%s %s; accepted keywords: eps, axis"
+                    % (OP_TYPE, "s" if len(unknown) > 1 else "",
+                       ", ".join("%s=%r" % (k, others[k]) for k in unknown)))
         except (TypeError, ValueError) as err:
             self._error = err
             self.eps, self.axis = 1e-3, 1
@@ -199,6 +208,7 @@ class InstanceNormProp(mx.operator.CustomOpProp):
     def list_outputs(self):
         return ["output"]
 
+    @record_errors
     def infer_shape(self, in_shape):
         self._raise_bad_keyword()
         data = tuple(in_shape[0])
@@ -217,6 +227,7 @@ class InstanceNormProp(mx.operator.CustomOpProp):
             params.append((channels,))
         return [data] + params, [data], []
 
+    @record_errors
     def infer_type(self, in_type):
         self._raise_bad_keyword()
         data, gamma, beta = in_type
@@ -235,6 +246,7 @@ class InstanceNormProp(mx.operator.CustomOpProp):
         # dy, x and gamma; the output y and beta are not needed.
         return [out_grad[0], in_data[0], in_data[1]]
 
+    @record_errors
     def create_operator(self, ctx, in_shapes, in_dtypes):
         self._raise_bad_keyword()
         device_type = str(ctx).split("(")[0]

@@ -1,0 +1,106 @@
+"""Carrying the Prop's own message into the ``MXNetError`` the user catches.
+
+MXNet 1.9.1 runs a CustomOpProp's ``infer_shape``, ``infer_type`` and
+``create_operator`` inside ctypes callbacks (``python/mxnet/operator.py``).
+An exception there is caught by MXNet's wrapper, which ``print``\\ s the
+traceback to **stdout** and returns False; ``src/operator/custom/custom.cc``
+then fails a ``CHECK`` and the user gets an ``MXNetError`` naming only that
+check. Our message never reaches the exception.
+
+So the Prop records the exception it raises (:func:`record_errors` on its
+methods) and :func:`explain_errors`, around a call into MXNet, turns an
+``MXNetError`` raised inside it into one of the same class whose text
+starts with the recorded message, chained from the original::
+
+    from mx_instnorm.operator._errors import explain_errors
+
+    with explain_errors():
+        executor = symbol.simple_bind(mx.cpu(), data=(2, 3))
+
+    @explain_errors()          # or as a decorator
+    def forward(self, x): ...
+
+The record is per thread: MXNet calls the inference callbacks in the thread
+that asked for inference (the one calling ``nd.Custom``, ``simple_bind``,
+``infer_shape`` or running a Gluon block), which is the thread inside
+:func:`explain_errors`.
+"""
+import contextlib
+import functools
+import threading
+
+from mxnet.base import MXNetError
+
+__all__ = ["record_errors", "explain_errors", "last_error"]
+
+_state = threading.local()
+
+
+def _record(err, where):
+    _state.last = (err, where)
+
+
+def last_error():
+    """``(exception, where)`` recorded by the Prop in this thread, or None."""
+    return getattr(_state, "last", None)
+
+
+def _clear():
+    _state.last = None
+
+
+def record_errors(method):
+    """Decorates a Prop callback: an exception it raises is recorded (for
+    :func:`explain_errors`) and raised on unchanged."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - recorded, then re-raised as is
+            _record(err, method.__name__)
+            raise
+    return wrapper
+
+
+def _explained(err, recorded):
+    cause, where = recorded
+    text = "%s: %s (raised by mx_instnorm's InstanceNormProp.%s)" % (
+        type(cause).__name__, cause, where)
+    original = str(err)
+    if original.startswith(text):
+        return None
+    try:
+        new = type(err)("%s\n\nMXNet's own report follows:\n%s" % (text, original))
+    except Exception:  # noqa: BLE001 - an error class with another signature
+        new = MXNetError("%s\n\nMXNet's own report follows:\n%s" % (text, original))
+    return new
+
+
+@contextlib.contextmanager
+def explain_errors():
+    """Re-raises an ``MXNetError`` raised inside it with the message the
+    Prop recorded in this thread put first.
+
+    ``Symbol.simple_bind`` re-raises MXNet's error as a plain
+    ``RuntimeError`` (MXNetError's base class); that is handled the same way.
+    The exception raised is of the original's class (so ``except
+    MXNetError`` keeps working), its text starts with ``"<Type>: <our
+    message> (raised by mx_instnorm's InstanceNormProp.<method>)"``, and its
+    ``__cause__`` is the original. An ``MXNetError`` with nothing recorded
+    since entering (another operator's failure) passes through untouched, as
+    does every other exception. Nesting is harmless: the innermost use
+    consumes the record. Usable as a decorator too.
+    """
+    _clear()
+    try:
+        yield
+    except RuntimeError as err:
+        # MXNetError, or the plain RuntimeError simple_bind re-raises it as.
+        recorded = last_error()
+        _clear()
+        if recorded is None:
+            raise
+        new = _explained(err, recorded)
+        if new is None:
+            raise
+        raise new from err
