@@ -216,6 +216,85 @@ def test_export_native_refusals(tmp_path):
     assert not list(tmp_path.iterdir())  # refused before writing anything
 
 
+class _TakeNet(gluon.HybridBlock):
+    """turicreate style transfer's shape: per-item channel weights picked by
+    ``take`` with an index that is a graph input, then our InstanceNorm."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.table = self.params.get("table", shape=(4, 3))
+            self.norm = InstanceNorm(in_channels=3, center=True, scale=True)
+
+    def hybrid_forward(self, F, x, index, table):
+        weights = F.take(table, index)  # (N, C)
+        return self.norm(F.broadcast_mul(x, F.expand_dims(weights, axis=2)))
+
+
+_TAKE_NATIVE_CODE = """
+import numpy as np, mxnet as mx
+net = mx.gluon.SymbolBlock.imports('take-symbol.json', ['data0', 'data1'], 'take-0000.params')
+x, index = np.load('x.npy'), np.load('index.npy')
+y = net(mx.nd.array(x), mx.nd.array(index, dtype=index.dtype))
+np.save('y_native.npy', y.asnumpy())
+"""
+
+
+@pytest.mark.parametrize("index_dtype", ["int32", "int64"])
+@pytest.mark.parametrize("as_list", [False, True], ids=["dict", "list"])
+def test_export_native_with_input_dtypes(rng, tmp_path, index_dtype, as_list):
+    net = _TakeNet(prefix="take_")
+    net.initialize(mx.init.Uniform(1.0))
+    net.norm.gamma.set_data(mx.nd.array(rng.uniform(0.5, 1.5, 3)))
+    net.norm.beta.set_data(mx.nd.array(rng.standard_normal(3)))
+    net.hybridize()
+    x = rng.standard_normal((2, 3, 7)).astype(np.float32)
+    index = np.array([3, 1], dtype=index_dtype)
+    y = net(mx.nd.array(x), mx.nd.array(index, dtype=index_dtype)).asnumpy()
+    # Independent reference: the take and the normalization in float64.
+    table = net.table.data().asnumpy().astype(np.float64)
+    h = x * table[index][:, :, None]
+    d = h - h.mean(axis=2, keepdims=True)
+    ref = (d / np.sqrt(d.var(axis=2, keepdims=True) + 1e-5)
+           * net.norm.gamma.data().asnumpy()[:, None] + net.norm.beta.data().asnumpy()[:, None])
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+    prefix = str(tmp_path / "take")
+    # Without the index dtype, inference stops at take: a ValueError naming
+    # the input, nothing written.
+    with pytest.raises(ValueError, match="inputs without a dtype: data0, data1"):
+        mx_instnorm.export_native(net, prefix)
+    assert not list(tmp_path.iterdir())
+    dtypes = [None, index_dtype] if as_list else {"data1": index_dtype}
+    mx_instnorm.export_native(net, prefix, dtypes=dtypes)
+    assert "Custom" not in _graph_ops(mx.sym.load(prefix + "-symbol.json"))
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "index.npy", index)
+    _run_fresh(_TAKE_NATIVE_CODE, tmp_path)
+    y_native = np.load(tmp_path / "y_native.npy")
+    print("\nnative export with take(%s): max|diff| = %.3g"
+          % (index_dtype, _max_diff(y_native, y)))
+    np.testing.assert_allclose(y_native, y, rtol=1e-5, atol=1e-5)
+
+
+def test_export_native_dtypes_refusals(tmp_path):
+    net = _TakeNet(prefix="take_")
+    net.initialize()
+    net.hybridize()
+    net(mx.nd.ones((1, 3, 4)), mx.nd.array([1], dtype="int32"))
+    prefix = str(tmp_path / "take")
+    with pytest.raises(ValueError, match=r"dtypes names 'index', which is not among the "
+                                         r"block's inputs \['data0', 'data1'\]"):
+        mx_instnorm.export_native(net, prefix, dtypes={"index": "int32"})
+    with pytest.raises(ValueError, match="dtypes has 1 entries, but the block has 2 inputs"):
+        mx_instnorm.export_native(net, prefix, dtypes=["int32"])
+    with pytest.raises(TypeError, match="dtypes must be a dict of input name to dtype"):
+        mx_instnorm.export_native(net, prefix, dtypes="int32")
+    with pytest.raises(TypeError, match="dtypes\\['data1'\\] is not a dtype: 'integer please'"):
+        mx_instnorm.export_native(net, prefix, dtypes={"data1": "integer please"})
+    assert not list(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------- ONNX --
 
 def test_import_without_onnx_registers_nothing(tmp_path):

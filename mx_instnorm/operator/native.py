@@ -44,8 +44,13 @@ def _infer(symbol, ours, nodes, shapes, dtypes):
     try:
         _, out_types, _ = internals.infer_type_partial(**(dtypes or {}))
     except mx.MXNetError as err:
-        raise ValueError("could not infer the graph's dtypes from %r: %s"
-                         % (dtypes, str(err).splitlines()[0])) from None
+        # Some operators (take's index, one_hot...) need their input's dtype
+        # to be known; say which inputs had none.
+        missing = [n for n in symbol.list_inputs() if n not in (dtypes or {})]
+        raise ValueError("could not infer the graph's dtypes from %r: %s; inputs "
+                         "without a dtype: %s (pass them in dtypes=)"
+                         % (dtypes, str(err).splitlines()[0],
+                            ", ".join(missing) or "none")) from None
     out_shapes = [None] * len(names)
     if shapes:
         try:
@@ -202,7 +207,42 @@ def to_native(symbol, shapes=None, dtypes=None):
     return native
 
 
-def export_native(block, path, epoch=0, remove_amp_cast=True):
+def _input_dtypes(block, dtypes):
+    """``dtypes`` as {input name: np.dtype} for the block's graph inputs.
+
+    A dict is keyed by input name (``data`` for a single input, ``data0``,
+    ``data1``, ... otherwise, as ``HybridBlock.export`` names them); a list
+    or tuple gives them in the order of the block's inputs, None entries
+    left unknown.
+    """
+    names = [s.name for s in block._cached_graph[0]]
+    if dtypes is None:
+        return {}
+    if isinstance(dtypes, dict):
+        unknown = sorted(set(dtypes) - set(names))
+        if unknown:
+            raise ValueError("dtypes names %s, which %s not among the block's inputs "
+                             "%s" % (", ".join(map(repr, unknown)),
+                                     "is" if len(unknown) == 1 else "are", names))
+        items = dtypes.items()
+    elif isinstance(dtypes, (list, tuple)):
+        if len(dtypes) != len(names):
+            raise ValueError("dtypes has %d entries, but the block has %d inputs %s"
+                             % (len(dtypes), len(names), names))
+        items = [(n, d) for n, d in zip(names, dtypes) if d is not None]
+    else:
+        raise TypeError("dtypes must be a dict of input name to dtype or a list in "
+                        "input order, got %s" % type(dtypes).__name__)
+    result = {}
+    for name, dtype in items:
+        try:
+            result[name] = np.dtype(dtype)
+        except TypeError:
+            raise TypeError("dtypes[%r] is not a dtype: %r" % (name, dtype)) from None
+    return result
+
+
+def export_native(block, path, epoch=0, remove_amp_cast=True, dtypes=None):
     """``block.export(path, epoch)`` with the graph rewritten by
     :func:`to_native`: the files load and run without ``mx_instnorm``.
 
@@ -220,6 +260,14 @@ def export_native(block, path, epoch=0, remove_amp_cast=True):
     epoch : int, default 0
     remove_amp_cast : bool, default True
         Passed to ``Symbol.save``, as ``export`` does.
+    dtypes : dict or list, optional
+        The dtypes of the block's inputs, for graphs whose type inference
+        needs them (a ``take`` or ``one_hot`` whose index is an input): a
+        dict keyed by input name (``data`` for one input, ``data0``,
+        ``data1``, ... otherwise, the names ``export`` writes), or a list in
+        input order (None for unknown). Parameters' dtypes are always taken
+        from the block. MXNet's CachedOp keeps no record of the dtypes of
+        the last call, so they cannot be read back from the block.
 
     Returns
     -------
@@ -233,6 +281,10 @@ def export_native(block, path, epoch=0, remove_amp_cast=True):
         dtype other than float32 (named in the message). Nothing is written.
     RuntimeError
         If the block was not hybridized and run. Nothing is written.
+    ValueError
+        If ``dtypes`` names inputs the block does not have, or the graph's
+        dtypes cannot be inferred (the message lists the inputs without a
+        dtype). Nothing is written.
 
     Examples
     --------
@@ -256,10 +308,11 @@ def export_native(block, path, epoch=0, remove_amp_cast=True):
                            "(as HybridBlock.export does)" % block.name)
     symbol = block._cached_graph[1]
     arguments = set(symbol.list_arguments()) | set(symbol.list_auxiliary_states())
-    dtypes = {p.name: np.dtype(p.dtype) for p in block.collect_params().values()
-              if p.name in arguments}
+    known = {p.name: np.dtype(p.dtype) for p in block.collect_params().values()
+             if p.name in arguments}
+    known.update(_input_dtypes(block, dtypes))
     # Rewrite first, so that a refusal leaves no half-written files behind.
-    native = to_native(symbol, dtypes=dtypes)
+    native = to_native(symbol, dtypes=known)
     # MXNet's own export writes the parameters (names, arg:/aux: split); the
     # rewritten graph then replaces the symbol file it wrote.
     block.export(path, epoch, remove_amp_cast=remove_amp_cast)
