@@ -1,26 +1,47 @@
 """mx_instnorm: a drop-in InstanceNorm for Apache MXNet 1.x.
 
-``import mx_instnorm`` registers the CustomOp once, under :data:`OP_TYPE`,
-and, where MXNet's ONNX exporter is importable, our converter for it.
+``import mx_instnorm`` registers the Python CustomOp once, under
+:data:`OP_TYPE`, loads the compiled operator where it was built (its name is
+:data:`COMPILED_OP`, None where it is not loaded), and, where MXNet's ONNX
+exporter is importable, registers our converters.
 
 * :func:`mx_instnorm.nd.InstanceNorm`, :func:`mx_instnorm.sym.InstanceNorm`
 * :class:`mx_instnorm.gluon.InstanceNorm`, :func:`mx_instnorm.gluon.swap_instance_norm`
-* :func:`to_native`, :func:`export_native`: graphs without our op
+* :func:`patch_mxnet`, :func:`unpatch_mxnet`, :func:`patched_mxnet`: MXNet's
+  own ``InstanceNorm`` entry points (``F.InstanceNorm``) routed to ours
+* :func:`backend`, :func:`backend_reason`: which backend computes, and why
+* :func:`to_native`, :func:`export_native`: graphs without our op;
+  :func:`to_custom`, :func:`to_compiled`: graphs between our two backends
 
-Layers, with imports pointing one way: :mod:`mx_instnorm.kernel` (NumPy
-only) -> :mod:`mx_instnorm.operator` (MXNet glue) -> :mod:`mx_instnorm.gluon`.
+Layers, with imports pointing one way: :mod:`mx_instnorm.kernel` (NumPy and
+C++ kernels, no MXNet) -> :mod:`mx_instnorm.operator` (MXNet glue) ->
+:mod:`mx_instnorm.gluon`.
 """
+import os as _os
+
 from ._version import __version__
 from .operator import OP_TYPE, register as _register
 from .operator import onnx_export as _onnx_export
+from .operator.backend import backend, backend_reason
+from .operator.backend import compiled_op as _compiled_op
+from .operator.graphs import install_load_hook as _install_load_hook
+from .operator.graphs import to_compiled, to_custom
 from .operator.native import export_native, to_native
+from .operator.patch import is_patched, patch_mxnet, patched_mxnet, unpatch_mxnet
 
 _register()
-# mx.onnx.export_model converts our op where onnx is installed (a no-op, and
+# The compiled library is loaded now unless the Python backend is forced.
+COMPILED_OP = (None if _os.environ.get("MX_INSTNORM_BACKEND", "").strip().lower() == "python"
+               else _compiled_op())
+# Where it is not loaded, a graph file naming it fails with an explanation.
+_install_load_hook()
+# mx.onnx.export_model converts our ops where onnx is installed (a no-op, and
 # no onnx import, where it is not).
 _onnx_export.register()
 
 from . import gluon, kernel, nd, sym  # noqa: E402  (after registration)
 
-__all__ = ["__version__", "OP_TYPE", "gluon", "kernel", "nd", "sym",
-           "to_native", "export_native"]
+__all__ = ["__version__", "OP_TYPE", "COMPILED_OP", "backend", "backend_reason",
+           "gluon", "kernel", "nd", "sym", "patch_mxnet", "unpatch_mxnet",
+           "patched_mxnet", "is_patched", "to_native", "export_native",
+           "to_custom", "to_compiled"]

@@ -157,14 +157,57 @@ def _seed_mxnet():
     yield
 
 
-@pytest.fixture(params=["fast", "fast-numpy", "generic"])
-def path(request, monkeypatch):
-    """Runs the test under each computation path: ``fast`` (the kernel on
-    views of MXNet's memory, with the kernel's default implementation: the
-    Numba loops when Numba imports), ``fast-numpy`` (the same with the NumPy
-    implementation forced) and ``generic`` (mx.nd operators). The path is
-    chosen per ``create_operator`` call and the implementation per kernel
-    call, so setting the variables here is enough."""
+# ---------------------------------------------------------------- backends --
+#
+# Every test that runs MXNet operators runs once per backend: "compiled" (the
+# C++ operator, skipped with the loader's reason where it is not built) and
+# "python" (the CustomOp). Tests that take the ``path`` fixture run on the
+# Python backend once per computation path as well. The pure-NumPy kernel
+# tests, and the modules below that pick backends themselves, run once.
+BACKENDS = ("compiled", "python")
+PATHS = ("fast", "fast-numpy", "generic")
+_SINGLE_BACKEND_MODULES = {"test_kernel", "test_compiled", "test_compat"}
+
+
+def pytest_generate_tests(metafunc):
+    module = metafunc.module.__name__.rpartition(".")[2]
+    if module in _SINGLE_BACKEND_MODULES:
+        return
+    if "path" in metafunc.fixturenames:
+        combos = [("compiled", "fast")] + [("python", p) for p in PATHS]
+        metafunc.parametrize(("mx_backend", "path"), combos, indirect=True,
+                             ids=["compiled"] + ["python-%s" % p for p in PATHS])
+    else:
+        metafunc.parametrize("mx_backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def mx_backend(request, monkeypatch):
+    """The backend the test runs on (None where the module is not
+    parametrized): ``MX_INSTNORM_BACKEND`` is set for the test and the
+    subprocesses it starts."""
+    name = getattr(request, "param", None)
+    if name is None:
+        return None
+    if name == "compiled" and mx_instnorm.operator.backend.compiled_op() is None:
+        monkeypatch.setenv("MX_INSTNORM_BACKEND", "auto")
+        pytest.skip("compiled backend unavailable: "
+                    + mx_instnorm.operator.backend.backend_reason())
+    monkeypatch.setenv("MX_INSTNORM_BACKEND", name)
+    assert mx_instnorm.backend() == name
+    return name
+
+
+@pytest.fixture
+def path(request, monkeypatch, mx_backend):
+    """Runs the test under each computation path of the Python backend:
+    ``fast`` (the kernel on views of MXNet's memory, with the kernel's
+    default implementation: the Numba loops when Numba imports),
+    ``fast-numpy`` (the same with the NumPy implementation forced) and
+    ``generic`` (mx.nd operators). The path is chosen per
+    ``create_operator`` call and the implementation per kernel call, so
+    setting the variables here is enough. On the compiled backend the
+    parameter is ``fast`` and the variables are left alone."""
     monkeypatch.delenv("MX_INSTNORM_KERNEL", raising=False)
     if request.param == "generic":
         monkeypatch.setenv("MX_INSTNORM_PATH", "generic")

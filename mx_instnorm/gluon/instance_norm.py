@@ -2,7 +2,7 @@
 import mxnet as mx
 from mxnet.gluon import HybridBlock
 
-from ..operator import _params
+from ..operator import _params, backend
 from ..operator.functions import instance_norm
 
 __all__ = ["InstanceNorm"]
@@ -81,7 +81,7 @@ class InstanceNorm(HybridBlock):
         self._kwargs = {'eps': epsilon, 'axis': axis, 'center': center, 'scale': scale}
         self._axis = axis
         self._epsilon = epsilon
-        self._layout = None  # (rank, empty) of the data, when known
+        self._layout = None  # (rank, empty, backend) of the last data
         self.gamma = self.params.get('gamma', grad_req='write' if scale else 'null',
                                      shape=(in_channels,), init=gamma_initializer,
                                      allow_deferred_init=True)
@@ -94,14 +94,17 @@ class InstanceNorm(HybridBlock):
         # clear message in hybridized mode too.
         if isinstance(x, mx.nd.NDArray):
             channels = _params.check_data_shape(x.shape, self._axis)
-            layout = (x.ndim, 0 in x.shape)
+            # The graph depends on the backend, and on the Python backend the
+            # layout guard depends on the rank and on emptiness (oneDNN's
+            # in-place reshape fails on empty arrays in backward).
+            layout = (x.ndim, 0 in x.shape, backend.backend())
             if self._layout != layout:
-                # The graph's layout guard depends on the rank, and oneDNN's
-                # in-place reshape fails on empty arrays in backward.
                 self._layout = layout
                 self._clear_cached_op()
+            # Unknown channels read 0 under MXNet's legacy shape rules and -1
+            # under mx.util.np_shape(True).
             known = self.gamma.shape[0] if self.gamma.shape else 0
-            if known and known != channels:
+            if known > 0 and known != channels:
                 raise ValueError(
                     "%s was built for %d channels but data of shape %s has %d "
                     "on axis %d" % (self.name, known, x.shape, channels, self._axis))
@@ -113,17 +116,14 @@ class InstanceNorm(HybridBlock):
         return super().forward(x, *args)
 
     def hybrid_forward(self, F, x, gamma, beta):
-        # Layout guards against MXNet 1.9.1's oneDNN fallback (see
-        # docs/onednn.md): the in-place guard before the data only covers
-        # non-empty data of rank <= 4, and the rank is unknown when a
-        # hybridized parent builds the graph; every CachedOp graph needs the
-        # output guard.
-        copy_input = self._layout is None or self._layout[0] > 4 or self._layout[1]
+        # The data's rank is unknown when a hybridized parent builds the graph.
+        rank, empty = (None, False) if self._layout is None else self._layout[:2]
         return instance_norm(F, x, gamma, beta, self._epsilon, self._axis, name='fwd',
-                             copy_in_graph=True, copy_input=copy_input)
+                             rank=rank, empty=empty)
 
     def __repr__(self):
-        s = '{name}({content}'
+        # "mx_instnorm." tells it from nn.InstanceNorm in print(net).
+        s = 'mx_instnorm.{name}({content}'
         in_channels = self.gamma.shape[0]
         s += ', in_channels={0}'.format(in_channels)
         s += ')'

@@ -29,7 +29,7 @@ _HYBRID_STATE = ("_active", "_flags", "_backend", "_backend_opts")
 def _replacement(old, target):
     """A ``target`` block with ``old``'s settings, prefix and Parameters."""
     settings = old._kwargs
-    if target is nn.InstanceNorm:
+    if target is _TARGETS["builtin"][1]:
         for param in (old.gamma, old.beta):
             if param.dtype is not None and np.dtype(param.dtype) != np.float32:
                 raise TypeError("cannot swap %s to the builtin InstanceNorm: its "

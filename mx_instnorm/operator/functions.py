@@ -1,39 +1,110 @@
-"""``InstanceNorm`` as nd and sym functions over the registered CustomOp.
+"""``InstanceNorm`` as nd and sym functions, on the backend that
+:mod:`.backend` picks.
 
 Both validate what they can see before anything runs (eps, axis, and for
 NDArrays shapes and dtypes), so bad input raises a clear ``ValueError`` or
-``TypeError`` here rather than an opaque failure inside the CustomOp's
-callbacks, and put the layout guards of :mod:`._onednn` around the op
-(see docs/onednn.md).
+``TypeError`` here rather than an opaque failure inside an operator.
+:func:`instance_norm` builds the fragment every entry point (nd, sym, the
+Gluon block, :func:`mx_instnorm.patch_mxnet`) runs: the compiled operator
+fed through views that keep ``grad_req='add'`` correct, or the Python
+CustomOp with the layout guards of :mod:`._onednn` (see docs/onednn.md).
 """
 import mxnet as mx
 
-from . import _params
+from . import _params, backend
 from ._onednn import guard_input, guard_output
 from .custom_op import OP_TYPE
 
 __all__ = ["instance_norm", "nd_instance_norm", "sym_instance_norm"]
 
+# mx.nd / mx.sym functions of the compiled operator, looked up once per name.
+_compiled_functions = {}
 
-def instance_norm(F, data, gamma, beta, eps, axis, name=None, out=None,
-                  copy_in_graph=False, copy_input=False):
-    """The graph fragment, for ``F`` = ``mx.nd`` or ``mx.sym`` (no checks).
 
-    ``copy_in_graph`` adds the output guard that a graph run by a CachedOp
-    needs for correct gradients after a oneDNN convolution; ``copy_input``
-    picks the copying input guard, needed in graphs over data of rank > 4
-    or of unknown rank (see :mod:`mx_instnorm.operator._onednn`).
+def _compiled_function(F, op_name):
+    key = (F.__name__, op_name)
+    fn = _compiled_functions.get(key)
+    if fn is None:
+        fn = _compiled_functions[key] = getattr(F, op_name)
+    return fn
+
+
+def _view(F, arr, name, suffix):
+    """``arr`` through a same-shape ``identity`` node of its own (see
+    :func:`instance_norm`: where gradients are accumulated)."""
+    return F.identity(arr, **_named(name, suffix))
+
+
+def _named(name, suffix):
+    return {} if name is None else {"name": name + suffix}
+
+
+def _compiled(F, data, gamma, beta, eps, axis, name, out):
+    """The fragment over the compiled operator.
+
+    MXNet 1.9.1 does not pass ``req`` to a library operator, which therefore
+    always overwrites its gradient outputs: fed directly by a variable with
+    ``grad_req='add'`` (or by an entry whose gradients an executor sums in
+    place, ``MXNET_EXEC_ENABLE_ADDTO``), it would silently drop what was
+    there. So no such array is its direct input: in a graph every input goes
+    through an ``identity`` node of its own, whose gradient is written only
+    by our op and whose own backward honours ``req`` (in place, at no cost,
+    for 'write'); imperatively under autograd, the inputs that have a
+    gradient buffer (leaves marked with ``attach_grad``) go through a
+    recorded view. The op needs no layout guard: it runs synchronously as a
+    native operator, after MXNet's own reorders of oneDNN layouts.
     """
-    guarded = copy_in_graph and F is not mx.nd
+    op = _compiled_function(F, backend.compiled_op())
+    kwargs = {"eps": repr(float(eps)), "axis": str(int(axis))}
+    if F is mx.nd:
+        if mx.autograd.is_recording():
+            data, gamma, beta = (a.reshape(a.shape) if a.grad is not None else a
+                                 for a in (data, gamma, beta))
+        if out is not None:
+            kwargs["out"] = out
+        return op(data, gamma, beta, **kwargs)
+    data, gamma, beta = (_view(F, a, name, "_" + role)
+                         for a, role in ((data, "data"), (gamma, "gamma"), (beta, "beta")))
+    if name is not None:
+        kwargs["name"] = name
+    return op(data, gamma, beta, **kwargs)
+
+
+def _custom(F, data, gamma, beta, eps, axis, name, out, rank, empty):
+    """The fragment over the Python CustomOp, with the layout guards of
+    :mod:`._onednn`. In a graph (hybridized block, Module, ``F`` in a user's
+    HybridBlock) both guards are always there: the output copy that a
+    CachedOp needs for correct gradients after a oneDNN convolution, and the
+    in-place input reshape, or a copying ``expand_dims``/``squeeze`` pair
+    where the rank is unknown or above 4, or the data is empty."""
     kwargs = {"op_type": OP_TYPE, "eps": repr(float(eps)), "axis": str(int(axis))}
+    if F is mx.nd:
+        if name is not None:
+            kwargs["name"] = name
+        if out is not None:
+            kwargs["out"] = out
+        return guard_output(F, F.Custom(guard_input(F, data), gamma, beta, **kwargs), False)
     if name is not None:
         # The last node of the fragment carries ``name``, as the built-in's
         # single node does, so ``<name>_output`` names the result.
-        kwargs["name"] = name + "_op" if guarded else name
-    if out is not None:
-        kwargs["out"] = out
+        kwargs["name"] = name + "_op"
+    copy_input = rank is None or rank > 4 or empty
     y = F.Custom(guard_input(F, data, copy_input, name), gamma, beta, **kwargs)
-    return guard_output(F, y, copy_in_graph, name)
+    return guard_output(F, y, True, name)
+
+
+def instance_norm(F, data, gamma, beta, eps, axis, name=None, out=None,
+                  rank=None, empty=False):
+    """The graph fragment, for ``F`` = ``mx.nd`` or ``mx.sym`` (no checks).
+
+    The backend is :func:`mx_instnorm.backend` for CPU NDArrays and for
+    graphs; NDArrays on other contexts take the Python CustomOp. ``rank``
+    and ``empty`` describe the data where known (they pick the Python
+    backend's input guard in a graph).
+    """
+    if (F is not mx.nd or data.context.device_type == "cpu") and backend.use_compiled():
+        return _compiled(F, data, gamma, beta, eps, axis, name, out)
+    return _custom(F, data, gamma, beta, eps, axis, name, out, rank, empty)
 
 
 def _expect(kind, name, value):
