@@ -1,0 +1,192 @@
+"""grad_req='add' (and mixed requests) on every backend and entry point.
+
+MXNet 1.9.1 does not pass ``req`` to a library operator, so the compiled
+operator always writes its gradients; the package keeps 'add' correct by
+feeding it through views (see mx_instnorm.operator.functions). Each test
+runs backward twice with 'add' and expects twice the float64 closed-form
+gradient of conftest's ``ref_backward``; 'write' expects it once and
+'null' leaves the buffer alone.
+"""
+import subprocess
+import sys
+import textwrap
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+import mx_instnorm
+from mx_instnorm.gluon import InstanceNorm
+from conftest import random_inputs, ref_backward
+
+SHAPE, AXIS, EPS = (2, 3, 5, 4), 1, 1e-3
+TOL = dict(rtol=1e-4, atol=1e-4)
+# name -> grad_req; every combination a user meets: all add, mixed, null.
+REQS = [
+    {"data": "add", "gamma": "add", "beta": "add"},
+    {"data": "add", "gamma": "write", "beta": "null"},
+    {"data": "write", "gamma": "add", "beta": "add"},
+    {"data": "null", "gamma": "add", "beta": "write"},
+]
+
+
+def _expected(req, ref, passes=2, initial=0.0):
+    """What a gradient buffer holds after ``passes`` backward passes."""
+    if req == "add":
+        return initial + passes * ref
+    if req == "write":
+        return ref
+    return None
+
+
+def _check(got, reqs, refs, initial=0.0):
+    for name, ref in refs.items():
+        want = _expected(reqs[name], ref, initial=initial)
+        if want is not None:
+            np.testing.assert_allclose(got[name], want, err_msg=name, **TOL)
+
+
+def _data(rng):
+    x, g, b = random_inputs(rng, SHAPE, AXIS, np.float32)
+    dy = rng.standard_normal(SHAPE).astype(np.float32)
+    dx, dg, db = ref_backward(dy, x, g, EPS, AXIS)
+    return (x, g, b, dy), {"data": dx, "gamma": dg, "beta": db}
+
+
+@pytest.mark.parametrize("reqs", REQS, ids=lambda r: "-".join(r.values()))
+def test_nd_autograd(rng, reqs):
+    (x, g, b, dy), refs = _data(rng)
+    arrays = {"data": mx.nd.array(x), "gamma": mx.nd.array(g), "beta": mx.nd.array(b)}
+    for name, a in arrays.items():
+        if reqs[name] != "null":
+            a.attach_grad(reqs[name])
+            a.grad[:] = 0.25  # 'add' adds to what is there
+    for _ in range(2):
+        with mx.autograd.record():
+            y = mx_instnorm.nd.InstanceNorm(arrays["data"], arrays["gamma"],
+                                            arrays["beta"], eps=EPS)
+        y.backward(mx.nd.array(dy))
+    got = {n: a.grad.asnumpy() for n, a in arrays.items() if reqs[n] != "null"}
+    for name, ref in refs.items():
+        if reqs[name] == "add":
+            np.testing.assert_allclose(got[name], 0.25 + 2 * ref, err_msg=name, **TOL)
+        elif reqs[name] == "write":
+            np.testing.assert_allclose(got[name], ref, err_msg=name, **TOL)
+
+
+def _sym():
+    return mx_instnorm.sym.InstanceNorm(mx.sym.var("data"), mx.sym.var("gamma"),
+                                        mx.sym.var("beta"), eps=EPS, name="in1")
+
+
+@pytest.mark.parametrize("reqs", REQS + ["add"], ids=lambda r: r if isinstance(r, str)
+                         else "-".join(r.values()))
+def test_simple_bind(rng, reqs):
+    (x, g, b, dy), refs = _data(rng)
+    exe = _sym().simple_bind(mx.cpu(), data=SHAPE, grad_req=reqs)
+    reqs = dict.fromkeys(refs, reqs) if isinstance(reqs, str) else reqs
+    for name, value in (("data", x), ("gamma", g), ("beta", b)):
+        exe.arg_dict[name][:] = value
+        if reqs[name] != "null":
+            exe.grad_dict[name][:] = 0
+    for _ in range(2):
+        exe.forward(is_train=True)
+        exe.backward([mx.nd.array(dy)])
+    _check({n: exe.grad_dict[n].asnumpy() for n in refs if reqs[n] != "null"}, reqs, refs)
+
+
+def test_module_add(rng):
+    (x, g, b, dy), refs = _data(rng)
+    mod = mx.mod.Module(mx.sym.MakeLoss(_sym() * mx.sym.var("dy")),
+                        data_names=["data", "dy"], label_names=None)
+    mod.bind(data_shapes=[("data", SHAPE), ("dy", SHAPE)], grad_req="add",
+             inputs_need_grad=True)
+    mod.init_params(arg_params={"gamma": mx.nd.array(g), "beta": mx.nd.array(b)})
+    batch = mx.io.DataBatch([mx.nd.array(x), mx.nd.array(dy)])
+    for exe in mod._exec_group.execs:
+        for arr in exe.grad_arrays:
+            if arr is not None:
+                arr[:] = 0
+    for _ in range(2):
+        mod.forward(batch, is_train=True)
+        mod.backward()
+    exe = mod._exec_group.execs[0]
+    got = {n: exe.grad_dict[n].asnumpy() for n in refs}
+    _check(got, dict.fromkeys(refs, "add"), refs)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("mode", ["imperative", "hybridize", "static"])
+def test_gluon_add(rng, mode, when):
+    """Parameters and data with grad_req='add', set before the first call or
+    after the block ran (and was hybridized) with 'write'."""
+    (x, g, b, dy), refs = _data(rng)
+    block = InstanceNorm(epsilon=EPS, scale=True, in_channels=SHAPE[1])
+    block.initialize()
+    block.gamma.set_data(mx.nd.array(g))
+    block.beta.set_data(mx.nd.array(b))
+    if mode == "hybridize":
+        block.hybridize()
+    elif mode == "static":
+        block.hybridize(static_alloc=True, static_shape=True)
+    if when == "before":
+        block.collect_params().setattr("grad_req", "add")
+    else:
+        with mx.autograd.record():
+            block(mx.nd.array(x)).backward(mx.nd.array(dy))
+        block.collect_params().setattr("grad_req", "add")
+    block.collect_params().zero_grad()
+    data = mx.nd.array(x)
+    data.attach_grad("add")
+    for _ in range(2):
+        with mx.autograd.record():
+            y = block(data)
+        y.backward(mx.nd.array(dy))
+    got = {"data": data.grad.asnumpy(), "gamma": block.gamma.grad().asnumpy(),
+           "beta": block.beta.grad().asnumpy()}
+    _check(got, dict.fromkeys(refs, "add"), refs)
+
+
+# A residual graph: h feeds our op and the sum, so its gradient is summed;
+# with MXNET_EXEC_ENABLE_ADDTO=1 executors sum it in place (an op writes with
+# req 'add'). Compared with the same graph on MXNet's built-in.
+_ADDTO_SCRIPT = textwrap.dedent("""
+    import sys
+    import mxnet as mx, numpy as np, mx_instnorm
+    assert mx_instnorm.backend() == sys.argv[1], mx_instnorm.backend_reason()
+    rng = np.random.default_rng(5)
+    shape = (2, 8, 6, 6)
+
+    def net(norm):
+        h = mx.sym.Convolution(mx.sym.var("data"), kernel=(3, 3), pad=(1, 1),
+                               num_filter=8, name="c")
+        return norm(h, mx.sym.var("gamma"), mx.sym.var("beta"), eps=1e-3, name="n") + h
+
+    args = {"data": rng.standard_normal(shape), "c_weight": rng.standard_normal((8, 8, 3, 3)),
+            "c_bias": rng.standard_normal(8), "gamma": rng.uniform(0.5, 1.5, 8),
+            "beta": rng.standard_normal(8)}
+    dy = mx.nd.array(rng.standard_normal(shape))
+    results = []
+    for norm in (mx_instnorm.sym.InstanceNorm, mx.sym.InstanceNorm):
+        exe = net(norm).simple_bind(mx.cpu(), data=shape, grad_req="add")
+        for k, v in args.items():
+            exe.arg_dict[k][:] = v
+            exe.grad_dict[k][:] = 0
+        for _ in range(2):
+            exe.forward(is_train=True)
+            exe.backward([dy])
+        results.append({k: exe.grad_dict[k].asnumpy() for k in args})
+    for k in args:
+        want = results[1][k]
+        np.testing.assert_allclose(results[0][k], want, rtol=1e-3,
+                                   atol=1e-3 * max(1, np.abs(want).max()), err_msg=k)
+    print("ok")
+""")
+
+
+def test_exec_enable_addto(mx_backend, tmp_path):
+    env = dict(__import__("os").environ, MXNET_EXEC_ENABLE_ADDTO="1")
+    proc = subprocess.run([sys.executable, "-c", _ADDTO_SCRIPT, mx_backend],
+                          env=env, cwd=str(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
