@@ -169,8 +169,11 @@ def test_import_mxnet_adds_only_missing_names_and_keeps_existing_ones(tmp_path):
     assert added == missing - {"compat.basestring"}
     if NUMPY_HAS_ALIASES:
         assert missing == set() and added == set()
+    elif np.__version__.startswith("1."):
+        assert "bool" in missing  # removed in 1.24; MXNet reads it at import
     else:
-        assert "bool" in missing
+        # NumPy 2 has a bool of its own (numpy.bool_): kept, not replaced.
+        assert "bool" not in missing and "NaN" in missing
 
 
 _INSTANCE_NORM_CHECK = """
@@ -207,9 +210,11 @@ _OFFLINE_SIGNS = ("No matching distribution found", "Could not find a version",
 def test_built_wheel_has_the_pth_and_the_module_at_its_top(tmp_path):
     if not os.path.isfile(os.path.join(REPO, "setup.py")):
         pytest.skip("not run from a source checkout (no setup.py beside tests/)")
+    # The variable lets setup.py build on Python 3.13 too (docs/install.md).
+    env = dict(os.environ, MX_INSTNORM_ALLOW_UNSUPPORTED_PYTHON="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", REPO,
-         "-w", str(tmp_path)], cwd=str(tmp_path),
+         "-w", str(tmp_path)], cwd=str(tmp_path), env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
         timeout=600)
     if proc.returncode != 0 and any(s in proc.stdout for s in _OFFLINE_SIGNS):
