@@ -284,3 +284,110 @@ def test_kernel_backward_non_contiguous(rng, dtype, x_strided, dx_kind):
         instance_norm_backward(dy, x, gamma, eps=1e-3, dx=dx, req=("add", "write", "write"))
         dx_ref = dx_ref + 1.0
     assert_close(dx, dx_ref, dtype)
+
+
+# ------------------------------------------------------- extreme magnitudes --
+# float32 data around 1e30 (float64 around 1e300) has a sum of squares beyond
+# the dtype's range; the variance used to overflow and y came out as beta.
+
+def _scaled_reference(x, gamma, beta, eps, axis):
+    """float64 forward on the data divided by each instance's max |x|
+    (eps divided by its square), so that nothing overflows even at 1e300."""
+    x = x.astype(np.float64)
+    ax = axis % x.ndim
+    red = tuple(i for i in range(1, x.ndim) if i != ax)
+    top = np.abs(x).max(axis=red, keepdims=True)
+    xs = x / top
+    d = xs - xs.mean(axis=red, keepdims=True)
+    rstd_s = 1 / np.sqrt((d * d).mean(axis=red, keepdims=True) + eps / top / top)
+    pshape = [1] * x.ndim
+    pshape[ax] = -1
+    y = d * rstd_s * np.reshape(gamma, pshape) + np.reshape(beta, pshape)
+    return y, (xs.mean(axis=red, keepdims=True) * top), rstd_s / top
+
+
+EXTREME = [(np.float32, 1e30), (np.float32, 1e37), (np.float64, 1e300)]
+EXTREME_SHAPES = [((2, 3, 50), 1),        # small path
+                  ((2, 3, 6000), 1),      # row blocks
+                  ((2, 900, 5), -1),      # channels-last slabs
+                  ((2, 3, 30, 70), 2)]    # transposed to rows
+
+
+@pytest.mark.parametrize("dtype,scale", EXTREME, ids=["f32-1e30", "f32-1e37", "f64-1e300"])
+@pytest.mark.parametrize("shape,axis", EXTREME_SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("req", ["write", "add"])
+def test_kernel_extreme_magnitudes(rng, kernel_impl, dtype, scale, shape, axis, req):
+    x = (rng.standard_normal(shape) + 0.5) * scale
+    # One instance of ordinary size beside the huge ones: it must not change.
+    x[0, ..., 0] = rng.standard_normal(x[0, ..., 0].shape)
+    x = x.astype(dtype)
+    channels = shape[axis]
+    gamma = rng.uniform(0.5, 1.5, channels).astype(dtype)
+    beta = rng.standard_normal(channels).astype(dtype)
+    out = np.full(shape, 0.25, dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y, mean, rstd = instance_norm_forward(x, gamma, beta, 1e-3, axis, out=out, req=req,
+                                              block_bytes=8192)
+    want, want_mean, want_rstd = _scaled_reference(x, gamma, beta, 1e-3, axis)
+    if req == "add":
+        want = want + 0.25
+    assert np.isfinite(y).all()
+    assert_close(y, want, dtype)
+    np.testing.assert_allclose(mean.ravel(), np.moveaxis(want_mean, axis % len(shape), 1)
+                               .reshape(-1), rtol=1e-5 if dtype == np.float32 else 1e-12)
+    np.testing.assert_allclose(rstd.ravel(), np.moveaxis(want_rstd, axis % len(shape), 1)
+                               .reshape(-1), rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("dtype,scale", [(np.float32, 1e30), (np.float64, 1e300)],
+                         ids=["f32-1e30", "f64-1e300"])
+@pytest.mark.parametrize("shape,axis", EXTREME_SHAPES, ids=lambda v: str(v))
+def test_kernel_extreme_magnitudes_backward(rng, kernel_impl, dtype, scale, shape, axis):
+    """dx scales as 1/s: compared with the float64 reference on x / s for
+    each instance's own s = max|x| (eps / s^2 vanishes next to var(x / s))."""
+    x = ((rng.standard_normal(shape) + 0.5) * scale).astype(dtype)
+    gamma = rng.uniform(0.5, 1.5, shape[axis]).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    ax = axis % len(shape)
+    red = tuple(i for i in range(1, len(shape)) if i != ax)
+    top = np.abs(x.astype(np.float64)).max(axis=red, keepdims=True)
+    want = ref_backward(dy.astype(np.float64), x / top, gamma.astype(np.float64), 0.0, axis)
+    want_dx = want[0] / top
+    with np.errstate(over="ignore", invalid="ignore"):
+        _, mean, rstd = instance_norm_forward(x, gamma, gamma, 1e-3, axis)
+        for stats in ((mean, rstd), (None, None)):
+            dx, dgamma, dbeta = instance_norm_backward(dy, x, gamma, *stats, eps=1e-3,
+                                                       axis=axis)
+            assert_close(dx * top, want_dx * top, dtype)
+            assert_close(dgamma, want[1], dtype)
+            assert_close(dbeta, want[2], dtype)
+
+
+@pytest.mark.parametrize("dtype,scale", [(np.float32, 1e30), (np.float64, 1e300)],
+                         ids=["f32-1e30", "f64-1e300"])
+@pytest.mark.parametrize("shape,axis", [((2, 3, 40), 1), ((2, 3, 6000), 1)], ids=str)
+def test_operator_extreme_magnitudes(rng, path, dtype, scale, shape, axis):
+    x = ((rng.standard_normal(shape) + 0.5) * scale).astype(dtype)
+    gamma = rng.uniform(0.5, 1.5, shape[axis]).astype(dtype)
+    beta = rng.standard_normal(shape[axis]).astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y = mx_instnorm.nd.InstanceNorm(_nd(x), _nd(gamma), _nd(beta), eps=1e-3, axis=axis)
+        got = y.asnumpy()
+    assert np.isfinite(got).all()
+    assert_close(got, _scaled_reference(x, gamma, beta, 1e-3, axis)[0], dtype)
+
+
+def test_nan_and_inf_stay_in_their_instance(rng, kernel_impl):
+    """A NaN or an inf makes its own instance NaN and leaves the others alone
+    (the overflow recompute must not spread it)."""
+    x = rng.standard_normal((2, 3, 9000)).astype(np.float32)
+    x[0, 1, 5] = np.nan
+    x[1, 2, 7] = np.inf
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = instance_norm_forward(x, gamma, beta, 1e-3)[0]
+    assert np.isnan(y[0, 1]).all() and np.isnan(y[1, 2]).all()
+    clean = [(0, 0), (0, 2), (1, 0), (1, 1)]
+    for n, c in clean:
+        assert_close(y[n, c], ref_forward(x[n:n + 1, c:c + 1], gamma[:1], beta[:1], 1e-3)[0][0, 0],
+                     np.float32)

@@ -10,7 +10,8 @@ memory once and written once:
   ``(d - mu')^2`` (the shifted two-pass variance); pass 3 writes
   ``y = d * s + (beta - mu' s)`` with ``s = gamma r``;
 * backward, per instance: pass 1 sums ``g`` and ``g d`` with ``d = x - mean``;
-  pass 2 writes ``dx = k g - (k r c_2) d - k c_1``.
+  pass 2 writes ``dx = k ((g - c_1) - (r c_2) d)`` (not ``k g - (k r c_2) d``:
+  ``k r`` underflows for data near 1e30 in float32).
 
 Passes 2 and 3 read data the first pass left in cache. Every sum runs in a
 fixed order (8 lanes for rows, 128-row chunks for channels-last slabs, the
@@ -64,6 +65,11 @@ def forward_rows(x, y, gam, bet, eps, mean, rstd, write_y, add):
         tmp[1] = 1.0 / np.sqrt(s2 / m + eps)
         r = tmp[1]
         mean[i] = shift + mu
+        if not r > 0:
+            # The sum of squares overflowed (or inf/NaN data): marked with
+            # rstd 0 and y left alone; the driver recomputes it scaled.
+            rstd[i] = 0
+            continue
         rstd[i] = r
         if write_y:
             s = gam[i] * r
@@ -106,15 +112,17 @@ def backward_rows(x, g, dx, gam, mean, rstd, sum_g, sum_gxhat, write_dx, add):
             k = gam[i] * r
             tmp[0] = sgd * r / m
             tmp[1] = sg / m
-            a = k * (r * tmp[0])
-            b = k * tmp[1]
+            # k (g - c1 - (r c2) d): k * r * c2 would underflow to 0 for
+            # data near 1e30 in float32 (r^2 ~ 1e-60).
+            a = r * tmp[0]
+            b = tmp[1]
             out = dx[i]
             if add:
                 for j in range(m):
-                    out[j] += k * grow[j] - a * (row[j] - mu) - b
+                    out[j] += k * ((grow[j] - b) - a * (row[j] - mu))
             else:
                 for j in range(m):
-                    out[j] = k * grow[j] - a * (row[j] - mu) - b
+                    out[j] = k * ((grow[j] - b) - a * (row[j] - mu))
 
 
 @numba.njit(**_JIT)
@@ -150,10 +158,17 @@ def forward_slab(x, y, gam, bet, eps, mean, rstd, write_y, add):
         r[j] = 1.0 / np.sqrt(tot2[j] / a_len + eps)
     for j in range(c):
         mean[j] = shift[j] + mu[j]
+        if not r[j] > 0:
+            # As in forward_rows: marked, y = 0 (or + 0) until the driver's
+            # scaled recompute.
+            r[j] = 0
         rstd[j] = r[j]
     if write_y:
         s = gam * r
         bias = bet - mu * s
+        for j in range(c):
+            if r[j] == 0:
+                bias[j] = 0
         for a in range(a_len):
             xr = x[a]
             out = y[a]
@@ -195,15 +210,15 @@ def backward_slab(x, g, dx, gam, mean, rstd, sum_g, sum_gxhat, write_dx, add):
         for j in range(c):
             c2[j] = tot2[j] * rstd[j] / a_len
             c1[j] = tot[j] / a_len
-        coef_d = k * (rstd * c2)
-        coef_1 = k * c1
+        # As in backward_rows: k (g - c1 - (r c2) d), no k r c2 underflow.
+        coef_d = rstd * c2
         for a in range(a_len):
             xr = x[a]
             gr = g[a]
             out = dx[a]
             if add:
                 for j in range(c):
-                    out[j] += k[j] * gr[j] - coef_d[j] * (xr[j] - mean[j]) - coef_1[j]
+                    out[j] += k[j] * ((gr[j] - c1[j]) - coef_d[j] * (xr[j] - mean[j]))
             else:
                 for j in range(c):
-                    out[j] = k[j] * gr[j] - coef_d[j] * (xr[j] - mean[j]) - coef_1[j]
+                    out[j] = k[j] * ((gr[j] - c1[j]) - coef_d[j] * (xr[j] - mean[j]))

@@ -399,6 +399,19 @@ def _block_stats(xb, red, eps, acc):
     mu = _isum(d, red) / m
     var = _idot(d, d, red) / m
     var -= mu * mu
+    bad = None
+    if not np.isfinite(var).all():
+        # d * d overflowed (data beyond about 1e19 in float32, 1e154 in
+        # float64) or the data holds inf/NaN: these instances get rstd 0,
+        # the mark _rescale_instances looks for, and d 0 so that the block
+        # writes y = 0 (adds 0) for them.
+        bad = np.flatnonzero(~np.isfinite(var))
+        var[bad] = 0
+        mu[bad] = 0
+        if red == 1:
+            d[bad] = 0
+        else:
+            d[:, bad] = 0
     # Shifted by one of its own elements, an instance's E[d^2] - E[d]^2
     # keeps its digits unless that element lies far out (here: more than 4
     # standard deviations); those instances are centred and summed again.
@@ -416,6 +429,8 @@ def _block_stats(xb, red, eps, acc):
     var += eps
     rstd = np.sqrt(var, out=var)
     np.divide(1, rstd, out=rstd)
+    if bad is not None:
+        rstd[bad] = 0
     return d, mu, shift + mu, rstd
 
 
@@ -433,7 +448,10 @@ def _forward_block(xb, yb, red, gam, bet, eps, acc, y_req):
         # y = (d - mu) * scale + beta = d * scale + (beta - mu * scale)
         scale = gam * rstd
         d *= _keep(scale, red)
-        bias = _keep(bet - mu * scale, red)
+        bias = bet - mu * scale
+        if not rstd.all():
+            bias[rstd == 0] = 0  # overflowed instances: _rescale_instances writes them
+        bias = _keep(bias, red)
         if y_req == "add":
             d += bias
             np.add(yb, d, out=yb, casting="unsafe")
@@ -470,6 +488,59 @@ def _backward_block(xb, gb, dxb, red, gam, mean, rstd, acc, dx_req):
     return sum_g, sum_gxhat
 
 
+# ------------------------------------------------------ extreme magnitudes --
+# An instance whose values reach about 1e19 (float32; 1e154 in float64) has
+# a sum of squares beyond the dtype's range: its variance overflows to inf,
+# rstd to 0, and y would silently be beta. Every path marks such instances
+# with rstd == 0 (a value no finite variance gives) and writes y = 0 (adds
+# 0) for them; the driver then recomputes just those instances here, scaled
+# by a power of two (exact) so that nothing overflows. Normal data pays one
+# ``rstd.all()`` per call.
+
+def _scaled_stats(rows, eps, acc):
+    """``(x_hat, mean, rstd)`` of the instances ``rows`` (k, M).
+
+    Each row is scaled by ``2**-e`` with ``2**(e-1) <= max|x| < 2**e``
+    (exact), normalized with the shifted two-pass maths, and the statistics
+    scaled back: ``mean = 2**e mean_s``, ``rstd = 2**-e / sqrt(var_s + eps
+    4**-e)``. Rows holding inf or NaN give NaN, as elsewhere.
+    """
+    with np.errstate(all="ignore"):
+        xs = rows.astype(acc)
+        top = np.abs(xs).max(axis=1)
+        e = np.frexp(top)[1].astype(np.int64)
+        e[~np.isfinite(top)] = 0
+        xs = np.ldexp(xs, -e[:, None]).astype(acc, copy=False)
+        shift = xs[:, :1].copy()
+        xs -= shift
+        mu = xs.mean(axis=1, keepdims=True)
+        xs -= mu
+        var_s = np.square(xs).mean(axis=1)
+        eps_s = np.ldexp(np.full(len(e), eps, acc), -2 * e).astype(acc, copy=False)
+        rstd_s = 1 / np.sqrt(var_s + eps_s)
+        xs *= rstd_s[:, None]
+        mean = np.ldexp((shift + mu).ravel(), e).astype(acc, copy=False)
+        rstd = np.ldexp(rstd_s, -e).astype(acc, copy=False)
+    return xs, mean, rstd
+
+
+def _rescale_instances(x4, y4, gam, bet, eps, acc, req, mean, rstd):
+    """Recomputes the instances marked ``rstd == 0`` (flat ``n * C + c``
+    indices of the (N, A, C, B) view ``x4``) with :func:`_scaled_stats`,
+    fixing ``mean``/``rstd`` in place and writing (``'write'``) or adding
+    (``'add'``) their ``y`` into ``y4`` (skipped when None)."""
+    flat = np.flatnonzero(rstd == 0)
+    nn, cc = np.divmod(flat, x4.shape[2])
+    rows = x4[nn, :, cc, :]  # (k, A, B)
+    xhat, mean[flat], rstd[flat] = _scaled_stats(rows.reshape(len(flat), -1), eps, acc)
+    if y4 is not None:
+        y = (xhat * gam[cc, None] + bet[cc, None]).reshape(rows.shape)
+        if req == "add":
+            y4[nn, :, cc, :] += y
+        else:
+            y4[nn, :, cc, :] = y
+
+
 # ------------------------------------------------------------ small path --
 # Below _SMALL_ELEMS elements the blocked path's fixed cost (a plan, scratch
 # buffers, a task) outweighs its work; these do the same shifted two-pass
@@ -493,6 +564,10 @@ def _small_forward(x4, gam, bet, eps, acc, want_y):
     var += eps
     rstd = np.sqrt(var, out=var)
     np.divide(1, rstd, out=rstd)
+    if not np.isfinite(rstd).all():
+        # inf/NaN data: the same mark as an overflowed variance (rstd 0),
+        # recomputed by _rescale_instances (to NaN).
+        rstd[~np.isfinite(rstd)] = 0
     y = None
     if want_y:
         d *= gam[:, None] * rstd
@@ -722,6 +797,9 @@ def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
     if x.size <= _SMALL_ELEMS:
         y, small_mean, small_rstd = _small_forward(x.reshape(n, a, c, b), gamma, beta, eps,
                                                    acc, out is not None)
+        if not small_rstd.all():
+            _rescale_instances(x.reshape(n, a, c, b), y, gamma, beta, eps, acc, "write",
+                               small_mean, small_rstd)
         if out is not None:
             _put(out, y.reshape(x.shape), req)
         return out, small_mean.reshape(n, c), small_rstd.reshape(n, c)
@@ -760,6 +838,10 @@ def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
                 plan.params(gam, task), plan.params(bet, task), eps, acc, req)
 
     _run_parallel(work, plan.tasks, num_threads, x.nbytes, (y_target,))
+    if not rstd.all():
+        _rescale_instances(xv.reshape(n, a, c, b), y_target.reshape(n, a, c, b)
+                           if y_target is not None else None,
+                           gamma, beta, eps, acc, req, mean, rstd)
     if y_target is not out and out is not None:
         np.copyto(out, y_target)
     return out, mean.reshape(n, c), rstd.reshape(n, c)

@@ -63,7 +63,10 @@ def _param_shape(ndim, axis, channels):
 
 
 def _generic_centered(x, eps, red):
-    """``(x - mean, rstd)`` with mx.nd ops, shifted two-pass like the kernel."""
+    """``(x - mean, rstd)`` with mx.nd ops, shifted two-pass like the kernel.
+
+    One small synchronous read of the per-instance variances decides whether
+    any overflowed; only then are those instances recomputed scaled."""
     if x.dtype == np.float16:
         x = x.astype(np.float32)
     shift = x
@@ -72,7 +75,16 @@ def _generic_centered(x, eps, red):
     d = mx.nd.broadcast_sub(x, shift)
     d = mx.nd.broadcast_sub(d, mx.nd.mean(d, axis=red, keepdims=True))
     var = mx.nd.mean(mx.nd.square(d), axis=red, keepdims=True)
-    return d, mx.nd.rsqrt(var + eps)
+    finite = np.isfinite(var.asnumpy())
+    if finite.all():
+        return d, mx.nd.rsqrt(var + eps)
+    # d * d overflowed (data beyond about 1e19 in float32): those instances
+    # are scaled by their max |d| first, rstd = 1 / (s sqrt(var_s + eps/s^2)).
+    finite = mx.nd.array(finite, ctx=var.context, dtype=var.dtype)
+    scale = mx.nd.where(finite, mx.nd.ones_like(var),
+                        mx.nd.max(mx.nd.abs(d), axis=red, keepdims=True))
+    var_s = mx.nd.mean(mx.nd.square(mx.nd.broadcast_div(d, scale)), axis=red, keepdims=True)
+    return d, 1 / (scale * mx.nd.sqrt(var_s + eps / mx.nd.square(scale)))
 
 
 class InstanceNormOp(mx.operator.CustomOp):
