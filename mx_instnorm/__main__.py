@@ -8,6 +8,9 @@ Checks, each for mx_instnorm and for the built-in:
 2. the example of ``mx.gluon.nn.InstanceNorm``'s documentation (eps 1e-5,
    default initialization) through Gluon: imperative, hybridized, and
    exported with ``.export`` then re-imported with ``SymbolBlock.imports``;
+   both beside the float64 "exact" result of the same float32 input, so
+   that the documented numbers (float32 results printed to 8 digits) are
+   seen to be an approximation too;
 3. float16, float32 and float64 data (the built-in takes float32 only),
    against a float64 NumPy reference;
 4. data with a large common offset (1e4 + N(0, 1), float32), against a
@@ -43,6 +46,7 @@ ND_DOC_OUT = [[[-0.997527, 1.99752665]], [[-0.99752653, 1.99752724]]]
 # Seed 001: mxnet.gluon.nn.InstanceNorm's example (epsilon default 1e-5,
 # gamma ones, beta zeros).
 GLUON_DOC_OUT = [[[-0.99998355, 0.99998331]], [[-0.99998319, 0.99998361]]]
+GLUON_DOC_EPS = 1e-5
 
 # Max abs error against a float64 reference, per data dtype, for outputs of
 # magnitude < 8. float16: half an ulp of float16 in [4, 8) is 2e-3, plus
@@ -171,13 +175,17 @@ def _gluon_exported(mx, mx_instnorm, ours, x):
 def _documented(report, mx, mx_instnorm):
     x = mx.nd.array(ND_DOC_X)
     gamma, beta = mx.nd.array(ND_DOC_GAMMA), mx.nd.array(ND_DOC_BETA)
+    # The float64 result of the float32 input both implementations receive.
+    x32 = np.asarray(ND_DOC_X, np.float32)
     cases = [
-        ("mx.nd.InstanceNorm doc: gamma=[1.5], beta=[0.5], eps=1e-3", ND_DOC_OUT, [
+        ("mx.nd.InstanceNorm doc: gamma=[1.5], beta=[0.5], eps=1e-3", ND_DOC_OUT,
+         _reference(x32, ND_DOC_GAMMA, ND_DOC_BETA, ND_DOC_EPS), [
             ("nd", lambda ours: _nd(mx, mx_instnorm, ours, x, gamma, beta, ND_DOC_EPS)),
             ("sym (bound executor)",
              lambda ours: _sym(mx, mx_instnorm, ours, x, gamma, beta, ND_DOC_EPS)),
         ]),
-        ("gluon.nn.InstanceNorm doc: default init, epsilon=1e-5", GLUON_DOC_OUT, [
+        ("gluon.nn.InstanceNorm doc: default init, epsilon=1e-5", GLUON_DOC_OUT,
+         _reference(x32, [1.0], [0.0], GLUON_DOC_EPS), [
             ("gluon", lambda ours: _gluon(mx, mx_instnorm, ours, x)),
             ("gluon hybridized", lambda ours: _gluon_hybrid(mx, mx_instnorm, ours, x)),
             ("gluon export + SymbolBlock.imports",
@@ -185,24 +193,30 @@ def _documented(report, mx, mx_instnorm):
         ]),
     ]
     report.say("1. Documented examples: x = %s (float32)" % ND_DOC_X)
+    report.say("   exact: the float64 NumPy result of the same float32 input")
     report.say("   tolerance vs documented numbers: %.0e (they carry float32 noise)"
                % DOC_TOLERANCE)
-    for title, documented, routes in cases:
+    row = "   %-36s %-10s %-46s %-9s %-9s %s"
+    for title, documented, exact, routes in cases:
         report.say()
         report.say("   %s" % title)
-        report.say("   %-36s %-10s %-46s %-9s %s" % ("route", "impl", "output (flattened)",
-                                                     "|d doc|", "|d built-in|"))
-        report.say("   %-36s %-10s %s" % ("", "documented", _fmt_values(documented)))
+        report.say(row % ("route", "impl", "output (flattened)", "|d exact|", "|d doc|",
+                          "|d built-in|"))
+        report.say((row % ("", "exact", _fmt_values(exact), "", "", "")).rstrip())
+        report.say((row % ("", "documented", _fmt_values(documented),
+                          "%.1e" % _maxdiff(documented, exact), "", "")).rstrip())
         for route, run in routes:
             builtin = run(False)
             ours = report.run_ours("documented example, %s" % route, lambda: run(True))
             status = report.check("documented example, %s" % route,
                                   _maxdiff(ours, documented), DOC_TOLERANCE)
-            report.say("   %-36s %-10s %-46s %.1e" % (route, "built-in", _fmt_values(builtin),
-                                                      _maxdiff(builtin, documented)))
-            report.say("   %-36s %-10s %-46s %.1e   %.1e  %s"
-                       % ("", "ours", _fmt_values(ours), _maxdiff(ours, documented),
-                          _maxdiff(ours, builtin), status))
+            report.say((row % (route, "built-in", _fmt_values(builtin),
+                              "%.1e" % _maxdiff(builtin, exact),
+                              "%.1e" % _maxdiff(builtin, documented), "")).rstrip())
+            report.say(row % ("", "ours", _fmt_values(ours),
+                              "%.1e" % _maxdiff(ours, exact),
+                              "%.1e" % _maxdiff(ours, documented),
+                              "%.1e  %s" % (_maxdiff(ours, builtin), status)))
 
 
 def _dtypes(report, mx, mx_instnorm):
@@ -266,6 +280,15 @@ def _offset(report, mx, mx_instnorm):
     report.say("   ours      %.1e (tolerance %.0e) %s" % (ours, OFFSET_TOLERANCE, status))
 
 
+def _backend_line(mx_instnorm):
+    """Which backend computes, and why (versions without a compiled backend
+    have no ``mx_instnorm.backend``)."""
+    backend = getattr(mx_instnorm, "backend", None)
+    if backend is None:
+        return "python (compiled backend not available in this version)"
+    return "%s (%s)" % (backend(), mx_instnorm.backend_reason())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m mx_instnorm",
@@ -287,6 +310,7 @@ def main(argv=None):
     report.say("mx_instnorm %s | mxnet %s | numpy %s | python %s"
                % (mx_instnorm.__version__, mx.__version__, np.__version__,
                   platform.python_version()))
+    report.say("backend: %s" % _backend_line(mx_instnorm))
     report.say("MX_INSTNORM_PATH=%s MX_INSTNORM_NUM_THREADS=%s"
                % (os.environ.get("MX_INSTNORM_PATH", "(unset: auto)"),
                   os.environ.get("MX_INSTNORM_NUM_THREADS", "(unset: all CPUs)")))
