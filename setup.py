@@ -11,6 +11,8 @@ no longer has: ``setuptools`` provides it. No NumPy < 2 has cp313 wheels:
 Python 3.13 is refused here; docs/install.md has a manual recipe for it.
 """
 import os
+import shlex
+import subprocess
 import sys
 
 # Refuse an unsupported Python in one line, before anything else: pip < 25.1
@@ -25,6 +27,8 @@ if sys.version_info[:2] not in SUPPORTED_PYTHONS and not ALLOW_ANY_PYTHON:
              % sys.version_info[:2])
 
 from setuptools import find_packages, setup  # noqa: E402
+from setuptools import Extension  # noqa: E402
+from setuptools.command.build_ext import build_ext  # noqa: E402
 from setuptools.command.build_py import build_py  # noqa: E402
 
 here = os.path.abspath(os.path.dirname(__file__))
@@ -64,6 +68,113 @@ class BuildPyWithNumpyCompatPth(build_py):
     def get_outputs(self, include_bytecode=1):
         return super().get_outputs(include_bytecode) + [
             os.path.join(self.build_lib, NUMPY_COMPAT_PTH[0])]
+
+
+
+# ------------------------------------------------ the compiled operator --
+# libmx_instnorm.so: the C++ InstanceNorm operator for mx.library.load,
+# compiled with the lib_api.cc/lib_api.h of the MXNet found at build time
+# (a build requirement in pyproject.toml; never copied into this repository).
+# Any failure only prints a warning: the package then runs on the Python
+# CustomOp, and mx_instnorm says why.
+COMPILED_LIBRARY = "mx_instnorm.operator.libmx_instnorm"
+COMPILED_SOURCES = ["mx_instnorm/kernel/instance_norm.cc",
+                    "mx_instnorm/operator/lib_instance_norm.cc"]
+
+
+class _NotBuilt(Exception):
+    """The compiled operator is not built; the message says why."""
+
+
+def _mxnet_root():
+    """The installed mxnet package folder holding lib_api.h and lib_api.cc,
+    found without importing mxnet (whose import fails with numpy >= 1.24)."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("mxnet")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        if (os.path.isfile(os.path.join(root, "src", "lib_api.cc"))
+                and os.path.isfile(os.path.join(root, "include", "mxnet", "lib_api.h"))):
+            return root
+    return None
+
+
+class BuildCompiledOperator(build_ext):
+    """``build_ext`` that compiles ``libmx_instnorm.so`` itself (a plain
+    shared library, not a Python extension module) into the package, or
+    warns and goes on. ``CXX`` picks the compiler (default ``c++``);
+    ``MX_INSTNORM_BUILD=0`` skips the build. ``build_ext --inplace`` puts
+    the library into the source tree."""
+
+    def get_ext_filename(self, fullname):
+        # Called with the full dotted name or its last part only.
+        if COMPILED_LIBRARY.endswith(fullname) and fullname.endswith("libmx_instnorm"):
+            return os.path.join(*fullname.split(".")) + ".so"
+        return super().get_ext_filename(fullname)
+
+    def build_extension(self, ext):
+        if ext.name != COMPILED_LIBRARY:
+            return super().build_extension(ext)
+        target = self.get_ext_fullpath(ext.name)
+        try:
+            self._compile(ext, target)
+        except _NotBuilt as why:
+            print("WARNING: mx_instnorm: compiled operator not built (%s); "
+                  "the Python CustomOp will be used" % why, file=sys.stderr)
+
+    def _compile(self, ext, target):
+        if os.environ.get("MX_INSTNORM_BUILD", "").strip() == "0":
+            raise _NotBuilt("MX_INSTNORM_BUILD=0")
+        root = _mxnet_root()
+        if root is None:
+            raise _NotBuilt("no installed mxnet with include/mxnet/lib_api.h and src/lib_api.cc")
+        cxx = shlex.split(os.environ.get("CXX", "").strip() or "c++")
+        # Generic code for the target architecture (never -march=native: a
+        # library built on an AVX-512 machine must run on others); the hot
+        # loops carry their own AVX2/AVX-512 clones on x86-64.
+        cmd = cxx + ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread",
+                     "-I", os.path.join(root, "include", "mxnet"),
+                     "-I", os.path.join(root, "include")]
+        cmd += [os.path.join(here, src) for src in ext.sources]
+        cmd += [os.path.join(root, "src", "lib_api.cc"), "-o", target + ".tmp"]
+        self.mkpath(os.path.dirname(target))
+        try:
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  universal_newlines=True)
+        except OSError as err:
+            raise _NotBuilt("cannot run %s: %s" % (cxx[0], err)) from None
+        if done.returncode != 0 or not os.path.isfile(target + ".tmp"):
+            errors = [line for line in done.stdout.splitlines() if "error" in line.lower()]
+            raise _NotBuilt("%s exited with status %d%s" % (
+                cxx[0], done.returncode, (": " + errors[0].strip()) if errors else ""))
+        os.replace(target + ".tmp", target)
+
+    def _built(self):
+        return [ext for ext in self.extensions
+                if ext.name != COMPILED_LIBRARY
+                or os.path.isfile(os.path.join(
+                    self.build_lib, self.get_ext_filename(self.get_ext_fullname(ext.name))))]
+
+    def copy_extensions_to_source(self):
+        # Nothing to copy for a library that was not built.
+        extensions, self.extensions = self.extensions, self._built()
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = extensions
+
+    def get_outputs(self):
+        return [path for path in super().get_outputs() if os.path.isfile(path)]
+
+
+def _compiled_extensions():
+    # A platform-specific wheel only where a build can be attempted.
+    if os.environ.get("MX_INSTNORM_BUILD", "").strip() == "0" or _mxnet_root() is None:
+        return []
+    return [Extension(COMPILED_LIBRARY, sources=COMPILED_SOURCES,
+                      depends=["mx_instnorm/kernel/instance_norm.h"])]
 
 
 setup(
@@ -125,5 +236,9 @@ setup(
         "Programming Language :: Python :: 3.12",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
-    cmdclass={"build_py": BuildPyWithNumpyCompatPth},
+    ext_modules=_compiled_extensions(),
+    cmdclass={
+        "build_py": BuildPyWithNumpyCompatPth,
+        "build_ext": BuildCompiledOperator,
+    },
 )

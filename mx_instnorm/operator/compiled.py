@@ -1,0 +1,137 @@
+"""Loads the compiled InstanceNorm operator (``libmx_instnorm.so``).
+
+``pip install`` builds the library against the installed MXNet (see
+``setup.py``); :func:`load` registers its operator with
+``mx.library.load`` once per process and returns the operator's name,
+:data:`OP_NAME`. When the library cannot be used, :func:`load` raises
+:class:`CompiledUnavailable` with a one-line reason, every time (the
+failure is cached too). Which backend runs is decided elsewhere
+(:mod:`mx_instnorm.operator.backend`), never here.
+
+The operator, as registered (see ``lib_instance_norm.cc``):
+
+* inputs ``data, gamma, beta``; attributes ``eps`` (default 0.001) and
+  ``axis`` (default 1);
+* outputs ``y, mean, rstd``: ``mean`` and ``rstd`` (shape (N, C), float32
+  for float16 data) are what backward reads; callers use output 0. The
+  library API has no hidden outputs, so ``out=`` takes three arrays.
+"""
+import ctypes
+import importlib.util
+import os
+import re
+import threading
+
+__all__ = ["OP_NAME", "LIBRARY_NAME", "CompiledUnavailable", "library_path", "load"]
+
+OP_NAME = "mx_instnorm_InstanceNorm"
+LIBRARY_NAME = "libmx_instnorm.so"
+
+# The first MXNet with mx.library.load of operators.
+_MIN_MXNET = (1, 7)
+
+_lock = threading.Lock()
+_result = None  # ("ok", name) or ("error", reason) once load() has run
+
+
+class CompiledUnavailable(RuntimeError):
+    """The compiled operator cannot be used in this process; the message
+    says why in one line."""
+
+
+def library_path():
+    """Where the compiled library is (or would be): beside this module."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), LIBRARY_NAME)
+
+
+def _version_tuple(text):
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def _expected_library_version():
+    """MX_LIBRARY_VERSION of the running MXNet, from the lib_api.h its
+    wheel ships (None when the header is not there)."""
+    spec = importlib.util.find_spec("mxnet")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        header = os.path.join(root, "include", "mxnet", "lib_api.h")
+        try:
+            with open(header, encoding="utf-8", errors="replace") as f:
+                match = re.search(r"#define\s+MX_LIBRARY_VERSION\s+(\d+)", f.read())
+        except OSError:
+            continue
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _library_version(path):
+    """The MX_LIBRARY_VERSION the library was built with (its _opVersion)."""
+    lib = ctypes.CDLL(path)
+    fn = lib._opVersion
+    fn.restype = ctypes.c_int
+    fn.argtypes = ()
+    return int(fn())
+
+
+def _load_unlocked():
+    path = library_path()
+    if not os.path.isfile(path):
+        raise CompiledUnavailable(
+            "no compiled library at %s (built by `pip install .` when a C++ compiler "
+            "is found; `python setup.py build_ext --inplace` for a source tree)" % path)
+    try:
+        import mxnet as mx
+    except ImportError as err:
+        raise CompiledUnavailable("mxnet does not import: %s" % err) from None
+    version = getattr(mx, "__version__", "0")
+    if _version_tuple(version) < _MIN_MXNET or not hasattr(mx, "library"):
+        raise CompiledUnavailable(
+            "mxnet %s is too old: library operators need mxnet >= 1.7" % version)
+    try:
+        built = _library_version(path)
+    except (OSError, AttributeError) as err:
+        raise CompiledUnavailable("%s cannot be opened: %s" % (path, err)) from None
+    expected = _expected_library_version()
+    if expected is not None and built != expected:
+        # MXNet checks this too, but only after registering part of the
+        # library: refuse before it gets there.
+        raise CompiledUnavailable(
+            "%s was built for MX_LIBRARY_VERSION %d but mxnet %s expects %d: "
+            "reinstall mx_instnorm against this mxnet" % (path, built, version, expected))
+    try:
+        mx.library.load(path, verbose=False)
+    except Exception as err:  # MXNetError, OSError: any failure means unavailable
+        first = str(err).strip().splitlines()
+        raise CompiledUnavailable("mx.library.load(%r) raised %s: %s" % (
+            path, type(err).__name__, first[0] if first else "")) from None
+    if not hasattr(mx.nd, OP_NAME) or not hasattr(mx.sym, OP_NAME):
+        raise CompiledUnavailable("%s loaded but registered no %s operator" % (path, OP_NAME))
+    return OP_NAME
+
+
+def load():
+    """Registers the compiled operator (once per process) and returns its
+    name.
+
+    Returns
+    -------
+    str
+        :data:`OP_NAME`, now a function of ``mx.nd`` and ``mx.sym``.
+
+    Raises
+    ------
+    CompiledUnavailable
+        No library was built, MXNet is older than 1.7, the library was built
+        for another MXNet library API, or ``mx.library.load`` failed. The
+        same error is raised again on later calls, without retrying.
+    """
+    global _result
+    with _lock:
+        if _result is None:
+            try:
+                _result = ("ok", _load_unlocked())
+            except CompiledUnavailable as err:
+                _result = ("error", str(err))
+    if _result[0] == "error":
+        raise CompiledUnavailable(_result[1])
+    return _result[1]
