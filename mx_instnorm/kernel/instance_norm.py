@@ -564,10 +564,8 @@ def _small_forward(x4, gam, bet, eps, acc, want_y):
     var += eps
     rstd = np.sqrt(var, out=var)
     np.divide(1, rstd, out=rstd)
-    if not np.isfinite(rstd).all():
-        # inf/NaN data: the same mark as an overflowed variance (rstd 0),
-        # recomputed by _rescale_instances (to NaN).
-        rstd[~np.isfinite(rstd)] = 0
+    # An overflowed variance leaves rstd 0 (inf/NaN data: NaN, already the
+    # result); the caller recomputes the rstd-0 instances scaled.
     y = None
     if want_y:
         d *= gam[:, None] * rstd
