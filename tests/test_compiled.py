@@ -1,0 +1,336 @@
+"""The compiled operator (``libmx_instnorm.so``) called directly, through
+:mod:`mx_instnorm.operator.compiled`, against the float64 references of
+conftest, MXNet's built-in InstanceNorm and finite differences.
+
+The whole module skips, with the loader's reason, where the library is not
+built or cannot be loaded.
+"""
+import re
+import threading
+
+import numpy as np
+import pytest
+
+import mxnet as mx
+from mxnet.test_utils import check_numeric_gradient
+
+from conftest import (BUILTIN_SHAPES, BUILTIN_TOL, LARGE_SHAPES_AXES, SHAPES_AXES,
+                      assert_close, random_inputs, ref_backward, ref_forward, tol)
+from mx_instnorm.operator import compiled
+
+try:
+    OP = compiled.load()
+except compiled.CompiledUnavailable as err:
+    pytest.skip("compiled operator unavailable: %s" % err, allow_module_level=True)
+
+nd_op = getattr(mx.nd, OP)
+sym_op = getattr(mx.sym, OP)
+
+# (data dtype, gamma/beta dtype): every combination the operator accepts.
+DTYPE_PAIRS = [(np.float16, np.float16), (np.float16, np.float32),
+               (np.float32, np.float32), (np.float64, np.float64)]
+
+
+def _acc(dtype):
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def run(x, gamma, beta, dy, eps=1e-3, axis=1):
+    """Forward and backward through the nd operator under autograd:
+    ``(y, mean, rstd, dx, dgamma, dbeta)`` as NumPy arrays."""
+    args = [mx.nd.array(a, dtype=a.dtype) for a in (x, gamma, beta)]
+    for a in args:
+        a.attach_grad()
+    with mx.autograd.record():
+        y, mean, rstd = nd_op(*args, eps=eps, axis=axis)
+    y.backward(mx.nd.array(dy, dtype=dy.dtype))
+    return (y.asnumpy(), mean.asnumpy(), rstd.asnumpy()) + tuple(a.grad.asnumpy() for a in args)
+
+
+@pytest.mark.parametrize("shape,axis", SHAPES_AXES + LARGE_SHAPES_AXES)
+@pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS)
+def test_matches_reference(rng, shape, axis, dtype, param_dtype):
+    x, gamma, beta = random_inputs(rng, shape, axis, dtype, param_dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    y, mean, rstd, dx, dgamma, dbeta = run(x, gamma, beta, dy, 1e-3, axis)
+    want_y, want_mean, want_var = ref_forward(x, gamma, beta, 1e-3, axis)
+    want_dx, want_dgamma, want_dbeta = ref_backward(dy, x, gamma, 1e-3, axis)
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert dgamma.dtype == param_dtype and dbeta.dtype == param_dtype
+    assert mean.dtype == _acc(dtype) and mean.shape == (shape[0], shape[axis])
+    assert_close(y, want_y, dtype)
+    n, c = mean.shape
+    assert_close(mean, want_mean.reshape(n, -1)[:, :c] if axis % len(shape) == 1
+                 else np.moveaxis(want_mean, axis, 1).reshape(n, c), _acc(dtype))
+    assert_close(rstd, 1 / np.sqrt(np.moveaxis(want_var, axis, 1).reshape(n, c) + 1e-3),
+                 _acc(dtype))
+    assert_close(dx, want_dx, dtype)
+    # Parameter gradients sum over the whole batch: compared relative to
+    # their largest entry.
+    scale = 1 + np.abs(want_dgamma).max()
+    assert_close(dgamma / scale, want_dgamma / scale, param_dtype if param_dtype == dtype else dtype)
+    scale = 1 + np.abs(want_dbeta).max()
+    assert_close(dbeta / scale, want_dbeta / scale, param_dtype if param_dtype == dtype else dtype)
+
+
+@pytest.mark.parametrize("shape", BUILTIN_SHAPES)
+def test_matches_builtin(rng, shape):
+    x, gamma, beta = random_inputs(rng, shape, 1, np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, _, _, dx, dgamma, dbeta = run(x, gamma, beta, dy, 1e-3, 1)
+    args = [mx.nd.array(a) for a in (x, gamma, beta)]
+    for a in args:
+        a.attach_grad()
+    with mx.autograd.record():
+        want = mx.nd.InstanceNorm(*args, eps=1e-3)
+    want.backward(mx.nd.array(dy))
+    np.testing.assert_allclose(y, want.asnumpy(), **BUILTIN_TOL)
+    for got, ref in zip((dx, dgamma, dbeta), args):
+        np.testing.assert_allclose(got, ref.grad.asnumpy(), **BUILTIN_TOL)
+
+
+@pytest.mark.parametrize("shape,axis", [((2, 3, 5), 1), ((2, 4, 3), -1), ((2, 3, 2, 3), 2)])
+def test_numeric_gradient(rng, shape, axis):
+    x, gamma, beta = random_inputs(rng, shape, axis, np.float64)
+    s = sym_op(mx.sym.var("data"), mx.sym.var("gamma"), mx.sym.var("beta"),
+               eps=1e-3, axis=axis)[0]
+    check_numeric_gradient(s, {"data": x, "gamma": gamma, "beta": beta},
+                           numeric_eps=1e-6, rtol=1e-5, atol=1e-7, dtype=np.float64)
+
+
+def test_large_offset_keeps_digits(rng):
+    # A one-pass E[x^2] - E[x]^2 loses every digit here; the NumPy kernel
+    # measured an error of about 1.6e-6.
+    x = (1e4 + rng.standard_normal((4, 8, 32, 32))).astype(np.float32)
+    gamma, beta = np.ones(8, np.float32), np.zeros(8, np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y, _, _, dx, dgamma, _ = run(x, gamma, beta, dy)
+    assert np.abs(y - ref_forward(x, gamma, beta, 1e-3)[0]).max() <= 1.6e-6
+    want_dx, want_dgamma, _ = ref_backward(dy, x, gamma, 1e-3)
+    assert_close(dx, want_dx, np.float32)
+    assert_close(dgamma / 100, want_dgamma / 100, np.float32)
+
+
+def test_huge_magnitudes_are_not_flattened(rng):
+    # Squares of 1e30 overflow float32: y must still be normalized, not beta.
+    x = (rng.standard_normal((2, 3, 20, 20)) * 1e30).astype(np.float32)
+    gamma, beta = np.ones(3, np.float32), np.full(3, 0.5, np.float32)
+    y = nd_op(*(mx.nd.array(a) for a in (x, gamma, beta)))[0].asnumpy()
+    assert_close(y, ref_forward(x, gamma, beta, 1e-3)[0], np.float32)
+    assert y.std() > 0.5
+
+
+@pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS)
+def test_constant_input(rng, dtype, param_dtype):
+    shape = (2, 3, 4, 5)
+    x = np.full(shape, 2.5, dtype)
+    gamma = np.array([1.5, -2.0, 0.5], param_dtype)
+    beta = np.array([0.25, -1.0, 3.0], param_dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    y, _, _, dx, dgamma, dbeta = run(x, gamma, beta, dy)
+    np.testing.assert_array_equal(y, np.broadcast_to(beta.astype(dtype).reshape(1, 3, 1, 1), shape))
+    for grad in (dx, dgamma, dbeta):
+        assert np.isfinite(grad).all()
+    want_dx, _, want_dbeta = ref_backward(dy, x, gamma, 1e-3)
+    assert_close(dx, want_dx, dtype)
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 4, 50), 1), ((3, 50, 4), -1), ((3, 4, 6, 5), 2)])
+def test_nan_confined_to_its_instance(rng, shape, axis):
+    x, gamma, beta = random_inputs(rng, shape, axis, np.float32)
+    where = [1] + [0] * (len(shape) - 1)
+    where[axis] = 2
+    x[tuple(where)] = np.nan
+    y, mean, rstd, dx, _, _ = run(x, gamma, beta, np.ones(shape, np.float32), 1e-3, axis)
+    bad = np.moveaxis(np.isnan(y), axis, 1)
+    assert bad[1, 2].all() and bad.sum() == bad[1, 2].size
+    assert np.isnan(mean[1, 2]) and np.isnan(mean).sum() == 1
+    assert np.isnan(np.moveaxis(dx, axis, 1)[1, 2]).all()
+
+
+@pytest.mark.parametrize("shape,axis", [((0, 3, 4), 1), ((2, 0, 4), 1), ((2, 3, 0), 1),
+                                        ((0, 4, 3), -1), ((2, 4, 0), -1)])
+def test_zero_size(shape, axis):
+    with mx.util.np_shape(True):
+        c = shape[axis]
+        args = [mx.nd.zeros(shape), mx.nd.ones((c,)), mx.nd.zeros((c,))]
+        for a in args:
+            a.attach_grad()
+        with mx.autograd.record():
+            y = nd_op(*args, axis=axis)[0]
+        y.backward(mx.nd.ones(shape))
+        assert y.shape == shape
+        assert args[0].grad.shape == shape
+        np.testing.assert_array_equal(args[1].grad.asnumpy(), np.zeros(c))
+        np.testing.assert_array_equal(args[2].grad.asnumpy(), np.zeros(c))
+
+
+def _error_text(call):
+    with pytest.raises(mx.MXNetError) as info:
+        outputs = call()
+        for out in outputs if isinstance(outputs, (list, tuple)) else [outputs]:
+            out.wait_to_read()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(eps="abc"), "eps must be a number, got 'abc'"),
+    (dict(eps=-1.0), "eps must be a finite number >= 0, got '-1.0'"),
+    (dict(eps="nan"), "eps must be a finite number >= 0, got 'nan'"),
+    (dict(eps="inf"), "eps must be a finite number >= 0, got 'inf'"),
+    (dict(axis="x"), "axis must be an integer, got 'x'"),
+    (dict(axis=1.5), "axis must be an integer, got '1.5'"),
+    (dict(axis=0), "axis 0 is the batch axis"),
+    (dict(axis=4), "axis 4 is out of range for data of rank 4 (valid: -3..3, not 0)"),
+    (dict(axis=-5), "axis -5 is out of range for data of rank 4"),
+    (dict(momentum=0.9), "got unknown keyword momentum='0.9'; accepted keywords: eps, axis"),
+])
+def test_bad_attributes(kwargs, message):
+    args = (mx.nd.ones((2, 3, 4, 5)), mx.nd.ones(3), mx.nd.zeros(3))
+    text = _error_text(lambda: nd_op(*args, **kwargs))
+    assert message in text
+    # Only this call's message, and the process stays usable.
+    assert text.count("lib_instance_norm.cc") == 1
+    assert nd_op(*args)[0].shape == (2, 3, 4, 5)
+
+
+@pytest.mark.parametrize("data,gamma,beta,message", [
+    ((2, 3), (3,), (3,), "InstanceNorm needs data of rank >= 3 (batch, channel, spatial...), "
+                         "got rank 2, shape (2, 3)"),
+    ((2, 3, 4), (4,), (3,), "gamma must have shape (3,) to match the 3 channels of data, "
+                            "got shape (4,)"),
+    ((2, 3, 4), (3,), (3, 1), "beta must have shape (3,) to match the 3 channels of data, "
+                              "got shape (3, 1)"),
+])
+def test_bad_shapes(data, gamma, beta, message):
+    args = [mx.nd.ones(s) for s in (data, gamma, beta)]
+    assert message in _error_text(lambda: nd_op(*args))
+
+
+@pytest.mark.parametrize("dtypes,message", [
+    (("int32", "int32", "int32"), "InstanceNorm data must be float16, float32 or float64, got int32"),
+    (("float32", "float64", "float64"),
+     "gamma/beta dtype float64 does not match data dtype float32 (allowed: float32)"),
+    (("float16", "float64", "float64"),
+     "gamma/beta dtype float64 does not match data dtype float16 (allowed: float16, float32)"),
+    (("float32", "float32", "float16"),
+     "gamma and beta must have the same dtype, got gamma float32 and beta float16"),
+])
+def test_bad_dtypes(dtypes, message):
+    args = [mx.nd.ones(s, dtype=d) for s, d in zip(((2, 3, 4), (3,), (3,)), dtypes)]
+    assert message in _error_text(lambda: nd_op(*args))
+
+
+def test_bad_thread_count(monkeypatch):
+    monkeypatch.setenv("MX_INSTNORM_NUM_THREADS", "two")
+    args = (mx.nd.ones((2, 3, 4)), mx.nd.ones(3), mx.nd.zeros(3))
+    assert "MX_INSTNORM_NUM_THREADS must be a positive integer, got 'two'" in _error_text(
+        lambda: nd_op(*args))
+
+
+# Big enough to be split over threads (> 1 MiB), one per layout: channels
+# first, channels last, and a middle channel axis.
+SPLIT_CASES = [((4, 16, 96, 96), 1), ((4, 96, 96, 80), -1), ((2, 8, 12, 48, 48), 2)]
+
+
+@pytest.mark.parametrize("shape,axis", SPLIT_CASES)
+def test_bitwise_identical_for_every_thread_count(rng, monkeypatch, shape, axis):
+    x, gamma, beta = random_inputs(rng, shape, axis, np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    results = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("MX_INSTNORM_NUM_THREADS", threads)
+        results.append(run(x, gamma, beta, dy, 1e-3, axis))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+    assert_close(results[0][0], ref_forward(x, gamma, beta, 1e-3, axis)[0], np.float32)
+
+
+def test_concurrent_python_threads(rng):
+    cases = [random_inputs(rng, (2, 8, 128, 128), 1, np.float32) for _ in range(4)]
+    expected = [nd_op(*(mx.nd.array(a) for a in case))[0].asnumpy() for case in cases]
+    got, errors = [None] * 4, []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                got[i] = nd_op(*(mx.nd.array(a) for a in cases[i]))[0].asnumpy()
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_out_arrays(rng):
+    x, gamma, beta = random_inputs(rng, (2, 3, 4, 5), 1, np.float32)
+    outs = [mx.nd.full((2, 3, 4, 5), 7.0), mx.nd.full((2, 3), 7.0), mx.nd.full((2, 3), 7.0)]
+    result = nd_op(*(mx.nd.array(a) for a in (x, gamma, beta)), out=outs)
+    assert all(r is o for r, o in zip(result, outs))
+    want_y, want_mean, want_var = ref_forward(x, gamma, beta, 1e-3)
+    assert_close(outs[0].asnumpy(), want_y, np.float32)
+    assert_close(outs[1].asnumpy(), want_mean.reshape(2, 3), np.float32)
+    assert_close(outs[2].asnumpy(), 1 / np.sqrt(want_var.reshape(2, 3) + 1e-3), np.float32)
+
+
+def test_symbol_inference_and_executor(rng):
+    data = mx.sym.var("data")
+    s = sym_op(data, mx.sym.var("gamma"), mx.sym.var("beta"), eps=1e-3, axis=-1)
+    args, outs, _ = s.infer_shape(data=(2, 5, 6, 3))
+    assert args == [(2, 5, 6, 3), (3,), (3,)]
+    assert outs == [(2, 5, 6, 3), (2, 3), (2, 3)]
+    args, outs, _ = s.infer_type(data=np.float16)
+    assert args == [np.float16] * 3 and outs == [np.float16, np.float32, np.float32]
+    args, _, _ = s.infer_type(data=np.float16, gamma=np.float32)
+    assert args == [np.float16, np.float32, np.float32]
+    args, outs, _ = s.infer_type(data=np.float64)
+    assert args == [np.float64] * 3 and outs == [np.float64] * 3
+
+    x, gamma, beta = random_inputs(rng, (2, 5, 6, 3), -1, np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    # gamma's gradient not requested: the operator must not mind.
+    ex = s[0].simple_bind(mx.cpu(), data=x.shape,
+                          grad_req={"data": "write", "gamma": "null", "beta": "write"})
+    ex.forward(is_train=True, data=x, gamma=gamma, beta=beta)
+    ex.backward(mx.nd.array(dy))
+    assert_close(ex.outputs[0].asnumpy(), ref_forward(x, gamma, beta, 1e-3, -1)[0], np.float32)
+    want_dx, _, want_dbeta = ref_backward(dy, x, gamma, 1e-3, -1)
+    assert_close(ex.grad_dict["data"].asnumpy(), want_dx, np.float32)
+    assert_close(ex.grad_dict["beta"].asnumpy(), want_dbeta, np.float32)
+
+
+def test_shape_inference_error_is_ours():
+    s = sym_op(mx.sym.var("data"), mx.sym.var("gamma"), mx.sym.var("beta"), axis=0)
+    with pytest.raises(mx.MXNetError, match=re.escape("axis 0 is the batch axis")):
+        s.infer_shape(data=(2, 3, 4))
+
+
+def test_loader_is_idempotent():
+    assert compiled.load() == OP == compiled.OP_NAME
+    assert compiled.load() == OP
+    assert issubclass(compiled.CompiledUnavailable, RuntimeError)
+
+
+def test_loader_refuses_another_library_version(monkeypatch):
+    monkeypatch.setattr(compiled, "_result", None)
+    monkeypatch.setattr(compiled, "_expected_library_version", lambda: 7)
+    with pytest.raises(compiled.CompiledUnavailable, match="MX_LIBRARY_VERSION .* expects 7"):
+        compiled.load()
+    # The failure is cached: the same reason again, nothing retried.
+    monkeypatch.setattr(compiled, "_expected_library_version", lambda: None)
+    with pytest.raises(compiled.CompiledUnavailable, match="expects 7"):
+        compiled.load()
+
+
+def test_loader_without_library(monkeypatch, tmp_path):
+    monkeypatch.setattr(compiled, "_result", None)
+    monkeypatch.setattr(compiled, "library_path", lambda: str(tmp_path / "missing.so"))
+    with pytest.raises(compiled.CompiledUnavailable, match="no compiled library at"):
+        compiled.load()
