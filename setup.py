@@ -118,6 +118,10 @@ class BuildCompiledOperator(build_ext):
         if ext.name != COMPILED_LIBRARY:
             return super().build_extension(ext)
         target = self.get_ext_fullpath(ext.name)
+        if os.path.exists(target):
+            # A library left by an earlier build must not ship when this
+            # build fails or is skipped.
+            os.remove(target)
         try:
             self._compile(ext, target)
         except _NotBuilt as why:
