@@ -49,6 +49,15 @@ Sums over long rows go through BLAS dots, sums down the columns of a
 channels-last slab through 128-row chunks. float16 data is accumulated in
 float32, float32 in float32, float64 in float64.
 
+An instance whose sum of squares overflows (float32 values beyond about
+1e19, float64 beyond about 1e154) would get ``var = inf``, ``rstd = 0`` and
+``y = beta``. Every implementation instead marks it with ``rstd = 0`` (no
+finite variance gives that) and writes ``y = 0`` (adds 0) there; the driver
+then recomputes only the marked instances with the data scaled by
+``2**-e``, ``2**(e-1) <= max|x| < 2**e`` (exact), and
+``rstd = 2**-e / sqrt(var_s + eps 4**-e)``. Normal data pays one
+``rstd.all()`` per call. NaN or inf in an instance gives NaN there only.
+
 Backward
 --------
 With :math:`g = \partial L / \partial y` and sums over the ``M`` elements of
