@@ -242,6 +242,24 @@ def _pool(num_workers):
         return pool
 
 
+def _reset_after_fork():
+    """Forget the threads' state in a forked child.
+
+    ``fork()`` copies the pools but not their threads: a chunk submitted to
+    a copied pool would wait forever for a worker that does not exist. The
+    lock may have been held by another thread at the fork, and the scratch
+    buffers of the parent's other threads are dead memory.
+    """
+    global _pools_lock
+    _pools.clear()
+    _thread_bufs.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 _madvise = None
 
@@ -300,9 +318,20 @@ def _run_parallel(work, tasks, num_threads, nbytes, outputs=()):
         for task in chunk:
             work(task)
 
-    futures = [_pool(num_threads - 1).submit(run_chunk, c) for c in chunks[1:]]
+    futures = []
+    inline = [chunks[0]]
+    pool = _pool(num_threads - 1)
+    for chunk in chunks[1:]:
+        try:
+            futures.append(pool.submit(run_chunk, chunk))
+        except RuntimeError:
+            # The interpreter is exiting (concurrent.futures has joined its
+            # workers before atexit handlers run MXNet's queued CustomOp
+            # work): the caller's thread takes the rest.
+            inline.append(chunk)
     try:
-        run_chunk(chunks[0])
+        for chunk in inline:
+            run_chunk(chunk)
     finally:
         # Wait for every chunk even if one failed: they write into the
         # caller's arrays.

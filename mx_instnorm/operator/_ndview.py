@@ -17,13 +17,27 @@ import math
 import numpy as np
 from mxnet.base import _LIB, check_call
 
-# The same library through PyDLL: calls keep the GIL. MXNDArrayGetData only
-# reads a pointer, and inside a CustomOp, where the engine thread and the
-# user's thread compete for the GIL, releasing and re-taking it around each
-# call cost more than the call itself.
-_get_data = ctypes.PyDLL(_LIB._name).MXNDArrayGetData
-_get_data.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))
-_get_data.restype = ctypes.c_int
+
+def _bind_get_data(dll):
+    fn = dll(_LIB._name).MXNDArrayGetData
+    fn.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))
+    fn.restype = ctypes.c_int
+    return fn
+
+
+# MXNDArrayGetData converts an array a oneDNN operator left in a blocked
+# layout: it queues a reorder and waits for the engine. An engine thread may
+# need the GIL to get there (it runs CustomOp callbacks, among them the
+# delete callback when it drops the last reference to an op), so a call that
+# can wait must release the GIL: ctypes.CDLL does.
+_get_data_nogil = _bind_get_data(ctypes.CDLL)
+
+# The same function through PyDLL, keeping the GIL, for numpy_view only:
+# inside a CustomOp callback the arrays are plain copies MXNet has finished
+# (the call reads a pointer and never waits), and releasing and re-taking
+# the GIL around each call, with the engine thread and the user's thread
+# competing for it, cost more than the call itself.
+_get_data = _bind_get_data(ctypes.PyDLL)
 
 __all__ = ["numpy_view", "plain_layout"]
 
@@ -47,11 +61,14 @@ def plain_layout(arr):
     operator left it blocked (``MXNDArrayGetData`` does that once the array
     is computed, hence the wait); free for a plain array."""
     arr.wait_to_read()
-    check_call(_get_data(arr.handle, ctypes.byref(ctypes.c_void_p())))
+    check_call(_get_data_nogil(arr.handle, ctypes.byref(ctypes.c_void_p())))
 
 
 def numpy_view(arr, shape, dtype):
     """An ndarray over the memory of the CPU NDArray ``arr``.
+
+    Only for arrays MXNet handed a CustomOp callback (plain, computed): the
+    call keeps the GIL.
 
     ``shape`` (a tuple of ints) and ``dtype`` (a ``numpy.dtype``) are what
     the caller already knows of ``arr`` (from the Prop), which saves two C

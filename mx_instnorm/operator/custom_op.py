@@ -287,10 +287,14 @@ def _finish_pending_work():
 
 
 def register():
-    """Registers the op under :data:`OP_TYPE` (once per process), and the
-    exit-time wait of :func:`_finish_pending_work`."""
+    """Registers the op under :data:`OP_TYPE` (once per process), the
+    exit-time wait of :func:`_finish_pending_work` and the before-fork
+    drain of :mod:`._fork`."""
     global _registered
     if not _registered:
+        from . import _fork
+
         mx.operator.register(OP_TYPE)(InstanceNormProp)
         atexit.register(_finish_pending_work)
+        _fork.install()
         _registered = True

@@ -1,0 +1,150 @@
+"""Makes ``fork()`` safe after the Python CustomOp has run.
+
+MXNet 1.9.1 installs ``pthread_atfork`` handlers: before every ``fork()``
+(``LibraryInitializer::atfork_prepare``) it joins the CustomOp worker
+threads (``CustomOperator::Stop``) and stops the engine, which waits for all
+work and joins its threads. CPython holds the GIL through ``fork()``. A
+thread that needs the GIL at that moment therefore deadlocks the parent, and
+MXNet's threads need it more often than one would think: the last reference
+to a CustomOp's state is dropped *after* the op has reported completion,
+
+* by the CustomOp worker thread, when it destroys its copy of the queued
+  work (``CustomOperator::ThreadTarget``), or
+* by an engine thread, when it deletes the finished temporary operator
+  (``ThreadedEngine::OnComplete`` deletes it after ``WaitForAll`` and
+  ``WaitToRead`` were released),
+
+and dropping it calls the op's Python delete callback, which waits for the
+GIL. So "read a result, then fork" hangs whenever that tail has not run yet;
+``mx.nd.waitall()`` does not help, and neither does queued, not yet run,
+CustomOp work (the worker must run it before it can be joined).
+
+:func:`_drain` runs as an ``os.register_at_fork(before=...)`` handler, with
+the GIL released around every wait:
+
+1. ``MXNDArrayWaitAll``: every queued operator, CustomOp callbacks included,
+   has run.
+2. A barrier: one call of a no-op CustomOp, waited for. It goes through the
+   engine's CPU worker and the CustomOp worker queue, each first-in
+   first-out, so it ends after every tail those threads had left. It is
+   recorded by autograd and its output kept until the next fork, so its own
+   state is released on the forking thread, never as a tail. (A bound
+   executor would keep its state too, but binding one logs "Subgraph
+   backend MKLDNN is activated" on stderr.)
+
+After that no MXNet thread needs the GIL, and MXNet's handlers stop and
+restart its threads as usual. What remains uncovered: MXNet runs several
+CustomOp workers only when several CustomOp calls are queued at once (and
+several engine CPU workers only with ``MXNET_CPU_WORKER_NTHREADS`` > 1); the
+barrier passes one of them, and the tails left on the others get the GIL
+during the waits of step 1 and 2 unless they have not yet reached it by the
+end. Interpreters that fork without running Python's at-fork handlers (the
+``subprocess`` module's plain ``fork()`` on Python < 3.10 without
+``preexec_fn``) are not covered.
+"""
+import atexit
+import ctypes
+import os
+import threading
+
+import mxnet as mx
+from mxnet.base import _LIB, check_call
+
+__all__ = ["install"]
+
+BARRIER_OP_TYPE = "mx_instnorm._fork_barrier"
+
+# Through ctypes.CDLL, so the GIL is released while MXNet waits.
+_wait_all = ctypes.CDLL(_LIB._name).MXNDArrayWaitAll
+_wait_all.argtypes = ()
+_wait_all.restype = ctypes.c_int
+
+_installed = False
+# The last barrier's output. Recorded by autograd, it holds the barrier op's
+# state (and its Prop) until the next fork replaces it, so that MXNet's
+# threads never drop the last reference to them (which would call a Python
+# delete callback: the very tail the barrier waits for).
+_barrier = None
+
+
+class _BarrierOp(mx.operator.CustomOp):
+    """Does nothing: its forward only marks its turn in the queues."""
+
+    def forward(self, is_train, req, in_data, out_data, aux):
+        pass
+
+    def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
+        pass
+
+
+class _BarrierProp(mx.operator.CustomOpProp):
+    def __init__(self):
+        super().__init__(need_top_grad=False)
+
+    def list_arguments(self):
+        return ["data"]
+
+    def list_outputs(self):
+        return ["output"]
+
+    def infer_shape(self, in_shape):
+        return in_shape, [in_shape[0]], []
+
+    def create_operator(self, ctx, in_shapes, in_dtypes):
+        return _BarrierOp()
+
+
+def _customop_used():
+    # MXNet numbers every CustomOp Prop and Op it creates (any op type);
+    # none yet means no CustomOp thread and no callback can be pending. Read
+    # defensively: a private attribute of mxnet.operator.
+    registry = getattr(mx.operator, "_registry", None)
+    return getattr(registry, "counter", 1) > 0
+
+
+def _in_mxnet_thread():
+    # A CustomOp callback runs on a thread Python did not start; forking
+    # from there, waiting for the queues would wait for ourselves.
+    return isinstance(threading.current_thread(), threading._DummyThread)
+
+
+def _drain():
+    """The before-fork handler (see the module docstring)."""
+    global _barrier
+    if not _customop_used() or _in_mxnet_thread():
+        return
+    try:
+        check_call(_wait_all())
+        # Replacing the previous barrier's output frees its state here, on
+        # this thread, where its delete callback finds the GIL.
+        _barrier = None
+        data = mx.nd.zeros((1,), ctx=mx.cpu())
+        data.attach_grad()
+        with mx.autograd.record(train_mode=False):
+            out = mx.nd.Custom(data, op_type=BARRIER_OP_TYPE)
+        out.wait_to_read()
+        _barrier = out
+        check_call(_wait_all())
+    except mx.base.MXNetError:
+        # A failed operator: its error stays on the arrays it was to write
+        # and is raised when they are read. A fork handler cannot raise.
+        pass
+
+
+def _release_barrier():
+    # At exit, before MXNet shuts its engine down (atexit runs handlers in
+    # reverse order; mxnet registered its own at import, before this one):
+    # freeing the recorded output after that crashes the interpreter.
+    global _barrier
+    _barrier = None
+
+
+def install():
+    """Registers the barrier op and the before-fork handler (once)."""
+    global _installed
+    if _installed or not hasattr(os, "register_at_fork"):
+        return
+    mx.operator.register(BARRIER_OP_TYPE)(_BarrierProp)
+    os.register_at_fork(before=_drain)
+    atexit.register(_release_barrier)
+    _installed = True
