@@ -360,6 +360,15 @@ def test_explain_errors_leaves_other_errors_alone(rng):
     with pytest.raises(KeyError):
         with explain_errors():
             raise KeyError("k")
+    # A failure of ours that the caller handled does not label a later,
+    # unrelated error.
+    with pytest.raises(RuntimeError, match="^unrelated$"):
+        with explain_errors():
+            try:
+                _raw_sym().infer_shape(n_data=(2, 3))
+            except MXNetError:
+                pass
+            raise RuntimeError("unrelated")
 
 
 def test_explain_errors_is_a_decorator_and_nests(rng):
