@@ -349,6 +349,22 @@ def test_explain_errors_infer_type(usable, types, message):
     usable()
 
 
+def test_explain_errors_create_operator(rng, monkeypatch, usable):
+    """create_operator runs in the calling thread too (an imperative call
+    creates its operator before returning): a bad MX_INSTNORM_PATH reaches
+    the exception."""
+    from mx_instnorm.operator._errors import explain_errors
+    monkeypatch.setenv("MX_INSTNORM_PATH", "bogus")
+    with pytest.raises(MXNetError, match=r"^ValueError: MX_INSTNORM_PATH must be one of "
+                                         r"auto, fast, generic, got 'bogus' \(raised by "
+                                         r"mx_instnorm's InstanceNormProp.create_operator\)"):
+        with explain_errors():
+            mx.nd.Custom(_arr(rng, (2, 3, 4)), _arr(rng, (3,)), _arr(rng, (3,)),
+                         op_type=mx_instnorm.OP_TYPE).wait_to_read()
+    monkeypatch.delenv("MX_INSTNORM_PATH")
+    usable()
+
+
 def test_explain_errors_leaves_other_errors_alone(rng):
     """An MXNetError of another operator, with nothing recorded by ours,
     passes through unchanged, as does any other exception."""
