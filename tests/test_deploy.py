@@ -241,8 +241,8 @@ np.save('y_native.npy', y.asnumpy())
 
 
 @pytest.mark.parametrize("index_dtype", ["int32", "int64"])
-@pytest.mark.parametrize("as_list", [False, True], ids=["dict", "list"])
-def test_export_native_with_input_dtypes(rng, tmp_path, index_dtype, as_list):
+@pytest.mark.parametrize("form", ["dict", "list", "arrays"])
+def test_export_native_with_input_dtypes(rng, tmp_path, index_dtype, form):
     net = _TakeNet(prefix="take_")
     net.initialize(mx.init.Uniform(1.0))
     net.norm.gamma.set_data(mx.nd.array(rng.uniform(0.5, 1.5, 3)))
@@ -250,7 +250,8 @@ def test_export_native_with_input_dtypes(rng, tmp_path, index_dtype, as_list):
     net.hybridize()
     x = rng.standard_normal((2, 3, 7)).astype(np.float32)
     index = np.array([3, 1], dtype=index_dtype)
-    y = net(mx.nd.array(x), mx.nd.array(index, dtype=index_dtype)).asnumpy()
+    inputs = (mx.nd.array(x), mx.nd.array(index, dtype=index_dtype))
+    y = net(*inputs).asnumpy()
     # Independent reference: the take and the normalization in float64.
     table = net.table.data().asnumpy().astype(np.float64)
     h = x * table[index][:, :, None]
@@ -265,7 +266,8 @@ def test_export_native_with_input_dtypes(rng, tmp_path, index_dtype, as_list):
     with pytest.raises(ValueError, match="inputs without a dtype: data0, data1"):
         mx_instnorm.export_native(net, prefix)
     assert not list(tmp_path.iterdir())
-    dtypes = [None, index_dtype] if as_list else {"data1": index_dtype}
+    dtypes = {"dict": {"data1": index_dtype}, "list": [None, index_dtype],
+              "arrays": list(inputs)}[form]
     mx_instnorm.export_native(net, prefix, dtypes=dtypes)
     assert "Custom" not in _graph_ops(mx.sym.load(prefix + "-symbol.json"))
     np.save(tmp_path / "x.npy", x)

@@ -235,6 +235,8 @@ def _input_dtypes(block, dtypes):
                         "input order, got %s" % type(dtypes).__name__)
     result = {}
     for name, dtype in items:
+        # An array (the input itself, as passed to the block) stands for its dtype.
+        dtype = getattr(dtype, "dtype", dtype)
         try:
             result[name] = np.dtype(dtype)
         except TypeError:
@@ -265,7 +267,9 @@ def export_native(block, path, epoch=0, remove_amp_cast=True, dtypes=None):
         needs them (a ``take`` or ``one_hot`` whose index is an input): a
         dict keyed by input name (``data`` for one input, ``data0``,
         ``data1``, ... otherwise, the names ``export`` writes), or a list in
-        input order (None for unknown). Parameters' dtypes are always taken
+        input order (None for unknown). An NDArray or NumPy array stands for
+        its dtype, so the inputs of a call can be passed as they are
+        (``dtypes=[x, index]``). Parameters' dtypes are always taken
         from the block. MXNet's CachedOp keeps no record of the dtypes of
         the last call, so they cannot be read back from the block.
 
