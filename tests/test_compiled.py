@@ -5,8 +5,11 @@ conftest, MXNet's built-in InstanceNorm and finite differences.
 The whole module skips, with the loader's reason, where the library is not
 built or cannot be loaded.
 """
+import os
 import re
+import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -228,9 +231,9 @@ def test_bad_thread_count(monkeypatch):
         lambda: nd_op(*args))
 
 
-# Big enough to be split over threads (> 1 MiB), one per layout: channels
-# first, channels last, and a middle channel axis.
-SPLIT_CASES = [((4, 16, 96, 96), 1), ((4, 96, 96, 80), -1), ((2, 8, 12, 48, 48), 2)]
+# Big enough to be split over threads (> 2 MiB of float32), one per layout:
+# channels first, channels last, and a middle channel axis.
+SPLIT_CASES = [((4, 16, 96, 96), 1), ((4, 96, 96, 80), -1), ((2, 8, 12, 64, 64), 2)]
 
 
 @pytest.mark.parametrize("shape,axis", SPLIT_CASES)
@@ -267,6 +270,35 @@ def test_concurrent_python_threads(rng):
     assert not errors
     for a, b in zip(got, expected):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_can_use_the_operator(rng, monkeypatch):
+    # Worker threads are created per call (no pool, no OpenMP): a child
+    # forked after threaded calls must not hang on its first call.
+    monkeypatch.setenv("MX_INSTNORM_NUM_THREADS", "2")
+    x, gamma, beta = random_inputs(rng, (4, 16, 96, 96), 1, np.float32)
+    args = [mx.nd.array(a) for a in (x, gamma, beta)]
+    want = nd_op(*args)[0].asnumpy()
+    pid = os.fork()
+    if pid == 0:  # child: exit status 0 only if the result is right
+        code = 1
+        try:
+            got = nd_op(*args)[0].asnumpy()
+            code = 0 if np.array_equal(got, want) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung")
+        time.sleep(0.05)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def test_out_arrays(rng):
