@@ -189,9 +189,9 @@ def test_to_native_leaves_other_nodes_alone():
 
 def test_to_native_refusals():
     s = mx_instnorm.sym.InstanceNorm(mx.sym.var("x"), axis=-1, name="in1")
-    with pytest.raises(TypeError, match="node 'in1' computes in float64"):
+    with pytest.raises(TypeError, match="node 'in1(_op)?' computes in float64"):
         mx_instnorm.to_native(s, dtypes={"x": np.float64})
-    with pytest.raises(TypeError, match="node 'in1' computes in float16"):
+    with pytest.raises(TypeError, match="node 'in1(_op)?' computes in float16"):
         mx_instnorm.to_native(s, dtypes={"x": np.float16, "in1_gamma": np.float16,
                                          "in1_beta": np.float16})
     with pytest.raises(ValueError, match="could not infer the graph's shapes"):
