@@ -300,7 +300,10 @@ MXReturnValue inferShape(const Attrs& attrs, std::vector<std::vector<unsigned in
   const char* names[2] = {"gamma", "beta"};
   for (int i = 1; i <= 2; ++i) {
     std::vector<unsigned int>& p = (*in)[i];
-    if (p.empty()) {
+    // Not known yet: no shape, or rank 1 with an unknown size, which MXNet
+    // hands over as -1 cast to unsigned (Gluon's deferred parameters, the
+    // variables mx_instnorm's sym function makes).
+    if (p.empty() || (p.size() == 1 && (p[0] == 0u || p[0] == 0xFFFFFFFFu))) {
       p.assign(1, static_cast<unsigned int>(lay.c));
     } else if (!check_param_shape(names[i - 1], std::vector<int64_t>(p.begin(), p.end()), lay.c)) {
       return MX_FAIL;
