@@ -1,20 +1,23 @@
-"""Rewriting mx_instnorm's CustomOp into MXNet's built-in ``InstanceNorm``.
+"""Rewriting mx_instnorm's operator into MXNet's built-in ``InstanceNorm``.
 
 A graph that uses our op needs ``import mx_instnorm`` wherever it runs,
-because a ``Custom`` node is resolved by name in the running process. MXNet's
+because a ``Custom`` node (Python backend) is resolved by name in the
+running process and a compiled node (``mx_instnorm_InstanceNorm``) needs
+our library loaded. MXNet's
 own ``InstanceNorm`` computes the same function (biased variance, ``eps``
 inside the square root) for float32 data with the channel axis at 1, so
 :func:`to_native` replaces each of our nodes by it, and :func:`export_native`
 writes the files ``HybridBlock.export`` writes with the rewritten graph.
 
-The rewrite edits the graph's JSON: each of our ``Custom`` nodes becomes
+The rewrite edits the graph's JSON: each of our nodes (``Custom`` or
+compiled) becomes
 
 * ``InstanceNorm(data, gamma, beta)`` when the channel axis is 1;
 * ``SwapAxis(1, axis) -> InstanceNorm -> SwapAxis(1, axis)`` otherwise
   (the built-in normalizes every axis after 1; swapping two axes is its own
   inverse and leaves the normalized axes' order irrelevant).
 
-The last node keeps the ``Custom`` node's name, so the output names
+The last node keeps our node's name, so the output names
 (``<name>_output``) and every argument and auxiliary name are unchanged. The
 guard node the package puts before our op's data input is left as it is.
 """
@@ -25,11 +28,15 @@ import numpy as np
 
 from . import _params
 from .custom_op import OP_TYPE
+from .graphs import COMPILED_NAME
 
 __all__ = ["to_native", "export_native"]
 
 
 def _is_ours(node):
+    """A node of the Python backend (``Custom``) or of the compiled one."""
+    if node.get("op") == COMPILED_NAME:
+        return True
     return node.get("op") == "Custom" and node.get("attrs", {}).get("op_type") == OP_TYPE
 
 
@@ -61,8 +68,11 @@ def _infer(symbol, ours, nodes, shapes, dtypes):
     by_name = dict(zip(names, zip(out_shapes, out_types)))
     found = {}
     for i in ours:
-        # A Custom node's single output is listed as "<name>_output".
-        shape, dtype = by_name.get(nodes[i]["name"] + "_output", (None, None))
+        # A Custom node's single output is listed as "<name>_output"; the
+        # compiled node's y (with mean and rstd beside it) as "<name>_output0".
+        name = nodes[i]["name"]
+        shape, dtype = by_name.get(name + "_output",
+                                   by_name.get(name + "_output0", (None, None)))
         # Legacy (non-numpy) shape semantics: rank 0 means "unknown".
         rank = len(shape) if shape else None
         found[i] = (rank, None if dtype is None else np.dtype(dtype))
@@ -123,7 +133,8 @@ def to_native(symbol, shapes=None, dtypes=None):
     Parameters
     ----------
     symbol : Symbol
-        A graph containing ``Custom`` nodes with ``op_type`` :data:`OP_TYPE`;
+        A graph containing ``Custom`` nodes with ``op_type`` :data:`OP_TYPE`
+        or nodes of the compiled operator;
         other nodes, argument and auxiliary names are kept as they are.
     shapes : dict of str to tuple, optional
         Input shapes for ``infer_shape_partial``. When given, each node's
