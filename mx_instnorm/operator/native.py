@@ -27,6 +27,7 @@ import mxnet as mx
 import numpy as np
 
 from . import _params
+from ._errors import explain_errors
 from .custom_op import OP_TYPE
 from .graphs import COMPILED_NAME
 
@@ -40,6 +41,16 @@ def _is_ours(node):
     return node.get("op") == "Custom" and node.get("attrs", {}).get("op_type") == OP_TYPE
 
 
+def _summary(err):
+    """The first line of an MXNetError, and for the compiled operator the
+    message it reported (the last line of MXNet's "Extension Traceback")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    summary = lines[0] if lines else ""
+    if "Extension Traceback:" in lines[:-1]:
+        summary += " -- " + lines[-1].split("]: ", 1)[-1]
+    return summary
+
+
 def _infer(symbol, ours, nodes, shapes, dtypes):
     """Per node of ours: (rank or None, dtype or None), from partial inference.
 
@@ -49,22 +60,25 @@ def _infer(symbol, ours, nodes, shapes, dtypes):
     internals = symbol.get_internals()
     names = internals.list_outputs()
     try:
-        _, out_types, _ = internals.infer_type_partial(**(dtypes or {}))
+        with explain_errors():
+            _, out_types, _ = internals.infer_type_partial(**(dtypes or {}))
     except mx.MXNetError as err:
         # Some operators (take's index, one_hot...) need their input's dtype
         # to be known; say which inputs had none.
         missing = [n for n in symbol.list_inputs() if n not in (dtypes or {})]
         raise ValueError("could not infer the graph's dtypes from %r: %s; inputs "
                          "without a dtype: %s (pass them in dtypes=)"
-                         % (dtypes, str(err).splitlines()[0],
+                         % (dtypes, _summary(err),
                             ", ".join(missing) or "none")) from None
     out_shapes = [None] * len(names)
     if shapes:
         try:
-            _, out_shapes, _ = internals.infer_shape_partial(**shapes)
+            # Our Prop's own message (rank, channels...) comes first.
+            with explain_errors():
+                _, out_shapes, _ = internals.infer_shape_partial(**shapes)
         except mx.MXNetError as err:
             raise ValueError("could not infer the graph's shapes from %r: %s"
-                             % (shapes, str(err).splitlines()[0])) from None
+                             % (shapes, _summary(err))) from None
     by_name = dict(zip(names, zip(out_shapes, out_types)))
     found = {}
     for i in ours:
