@@ -166,7 +166,7 @@ def _seed_mxnet():
 # tests, and the modules below that pick backends themselves, run once.
 BACKENDS = ("compiled", "python")
 PATHS = ("fast", "fast-numpy", "generic")
-_SINGLE_BACKEND_MODULES = {"test_kernel", "test_compiled", "test_compat"}
+_SINGLE_BACKEND_MODULES = {"test_kernel", "test_compiled", "test_compat", "test_backends"}
 
 
 def pytest_generate_tests(metafunc):

@@ -10,7 +10,8 @@ which works where the other kind's operator is not registered.
 
 Each rewrite puts in what the target backend needs around its node (see
 :mod:`.functions`): a compiled node gets an ``identity`` before each input,
-so that ``grad_req='add'`` stays correct; a Custom node gets the copying
+so that ``grad_req='add'`` stays correct, and one after its output, as
+:func:`mx_instnorm.sym.InstanceNorm` builds it; a Custom node gets the copying
 layout guards of :mod:`._onednn` (the data's rank is not known from the
 JSON). The replacement's last node keeps the original node's name, so
 output, argument and auxiliary names are unchanged.
@@ -50,8 +51,7 @@ def _attrs(node):
     return {"eps": attrs.get("eps", "0.001"), "axis": attrs.get("axis", "1")}
 
 
-def _as_custom(node):
-    name = node["name"]
+def _as_custom(node, name):
     return [
         {"op": "expand_dims", "name": name + "_expand", "attrs": {"axis": "0"},
          "inputs": [("in", 0)]},
@@ -64,38 +64,99 @@ def _as_custom(node):
     ]
 
 
-def _as_compiled(node):
-    name = node["name"]
+def _as_compiled(node, name):
     views = [{"op": "_copy", "name": "%s_%s" % (name, role), "inputs": [("in", k)]}
              for k, role in enumerate(("data", "gamma", "beta"))]
-    return views + [{"op": COMPILED_NAME, "name": name, "attrs": _attrs(node),
-                     "inputs": [("new", 0), ("new", 1), ("new", 2)]}]
+    return views + [{"op": COMPILED_NAME, "name": name + "_op", "attrs": _attrs(node),
+                     "inputs": [("new", 0), ("new", 1), ("new", 2)]},
+                    {"op": "_copy", "name": name, "inputs": [("new", 3)]}]
 
 
-def _rewrite(graph, match, replace):
-    """The graph dict with each node for which ``match`` holds replaced by
-    the nodes ``replace(node)`` returns: their inputs are ``("in", k)`` for
-    the node's k-th input or ``("new", j)`` for output 0 of the j-th new
-    node; the last new node takes the old node's place (its output 0)."""
-    new_nodes, index_of = [], {}
+# The nodes mx_instnorm puts around each kind of op (see .functions): the
+# ops of its input guards and of its output node.
+_FRAGMENT = {
+    "compiled": ({"_copy"}, "_copy"),
+    "custom": ({"_copy", "Reshape", "reshape", "squeeze", "expand_dims"}, "slice_axis"),
+}
+
+
+def _fragment_nodes(nodes, heads, k, kind):
+    """The nodes of our fragment around node ``k`` (of ``kind``) that a
+    rewrite drops: ``(skipped input-side node indices, output node index or
+    None)``. A node is ours when only our op (or our own guard) consumes it
+    and, for the output node, its name is the op's minus ``_op``."""
+    inputs_ops, output_op = _FRAGMENT[kind]
+    consumers = {}
+    for j, n in enumerate(nodes):
+        for e in n.get("inputs", []):
+            consumers.setdefault(e[0], []).append(j)
+    head_nodes = {e[0] for e in heads}
+    skipped = set()
+    frontier = [nodes[k]["inputs"][i][0] for i in range(len(nodes[k]["inputs"]))]
+    while frontier:
+        i = frontier.pop()
+        node = nodes[i]
+        users = consumers.get(i, [])
+        if (node["op"] in inputs_ops and i not in head_nodes and len(users) == 1
+                and (users[0] == k or users[0] in skipped)
+                and node["name"].startswith(nodes[k]["name"].rsplit("_op", 1)[0])):
+            skipped.add(i)
+            frontier.extend(e[0] for e in node["inputs"])
+    out = None
+    users = consumers.get(k, [])
+    if (nodes[k]["name"].endswith("_op") and len(users) == 1
+            and nodes[users[0]]["op"] == output_op
+            and nodes[users[0]]["name"] + "_op" == nodes[k]["name"]):
+        out = users[0]
+    return skipped, out
+
+
+def _rewrite(graph, kind, replace):
+    """The graph dict with each of our ops of ``kind`` (with the fragment
+    mx_instnorm builds around it) replaced by the nodes ``replace(node,
+    name)`` returns: their inputs are ``("in", k)`` for the op's k-th input
+    (before its fragment's guards) or ``("new", j)`` for output 0 of the
+    j-th new node; the last new node, named ``name`` (the fragment's output
+    name), takes the fragment's place."""
+    nodes = graph["nodes"]
+    match = _is_compiled if kind == "compiled" else _is_custom
+    skipped, outputs = set(), {}
+    for k, node in enumerate(nodes):
+        if match(node):
+            guards, out = _fragment_nodes(nodes, graph["heads"], k, kind)
+            skipped |= guards
+            if out is not None:
+                skipped.add(out)
+                outputs[k] = out
+    new_nodes, entry_of = [], {}
 
     def remap(entry):
-        return [index_of[entry[0]]] + list(entry[1:])
+        head = entry_of[entry[0]]
+        return list(head) if entry[0] in skipped else [head[0]] + list(entry[1:])
 
-    for i, node in enumerate(graph["nodes"]):
+    for i, node in enumerate(nodes):
         inputs = [remap(e) for e in node.get("inputs", [])]
+        if i in skipped:
+            # A guard stands for its own input; an output node for our op's
+            # replacement (set when that is built).
+            if i not in entry_of:
+                entry_of[i] = inputs[0] if inputs else None
+            continue
         if not match(node):
             new_nodes.append(dict(node, inputs=inputs))
         else:
             first = len(new_nodes)
-            for spec in replace(node):
+            name = nodes[outputs[i]]["name"] if i in outputs else node["name"]
+            for spec in replace(node, name):
                 spec = dict(spec)
-                spec["inputs"] = [inputs[k] if kind == "in" else [first + k, 0, 0]
-                                  for kind, k in spec["inputs"]]
+                spec["inputs"] = [inputs[k] if kind_ == "in" else [first + k, 0, 0]
+                                  for kind_, k in spec["inputs"]]
                 if not spec.get("attrs"):
                     spec.pop("attrs", None)
                 new_nodes.append(spec)
-        index_of[i] = len(new_nodes) - 1
+            if i in outputs:
+                entry_of[outputs[i]] = [len(new_nodes) - 1, 0, 0]
+        entry_of[i] = [len(new_nodes) - 1, 0, 0]
     return {
         "nodes": new_nodes,
         "arg_nodes": [i for i, n in enumerate(new_nodes) if n["op"] == "null"],
@@ -157,7 +218,7 @@ def to_custom(graph):
     >>> s.list_arguments()
     ['x', 'g', 'b']
     """
-    return _load(_rewrite(_graph_dict(graph, "to_custom"), _is_compiled, _as_custom))
+    return _load(_rewrite(_graph_dict(graph, "to_custom"), "compiled", _as_custom))
 
 
 def to_compiled(graph):
@@ -177,7 +238,7 @@ def to_compiled(graph):
     if backend.compiled_op() is None:
         raise RuntimeError("to_compiled needs mx_instnorm's compiled operator, which "
                            "is not available: " + backend.backend_reason())
-    return _load(_rewrite(_graph_dict(graph, "to_compiled"), _is_custom, _as_compiled))
+    return _load(_rewrite(_graph_dict(graph, "to_compiled"), "custom", _as_compiled))
 
 
 # ------------------------------------------------------------ load hook --

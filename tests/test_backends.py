@@ -1,0 +1,222 @@
+"""The choice of backend (MX_INSTNORM_BACKEND, mx_instnorm.backend()) and
+graphs moving between the two backends (to_custom, to_compiled, the load
+hook where the compiled operator is missing).
+
+Every choice is checked in a fresh interpreter (the library is loaded once
+per process). References: conftest's float64 ``ref_forward``/``ref_backward``.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+import mx_instnorm
+from mx_instnorm.gluon import InstanceNorm
+from conftest import random_inputs, ref_backward, ref_forward
+
+COMPILED_AVAILABLE = mx_instnorm.operator.backend.compiled_op() is not None
+needs_compiled = pytest.mark.skipif(not COMPILED_AVAILABLE, reason="compiled backend "
+                                    "unavailable: " + mx_instnorm.backend_reason())
+
+
+def _run(code, env=None, cwd=None, args=()):
+    full_env = dict(os.environ)
+    full_env.pop("MX_INSTNORM_BACKEND", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)] + list(args),
+                          env=full_env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+REPORT = """
+    import mxnet as mx, mx_instnorm
+    print("BACKEND", mx_instnorm.backend())
+    print("REASON", mx_instnorm.backend_reason())
+    print("OP", mx_instnorm.COMPILED_OP)
+"""
+
+
+def test_python_forced():
+    proc = _run(REPORT, {"MX_INSTNORM_BACKEND": "python"})
+    assert proc.returncode == 0, proc.stderr
+    assert "BACKEND python" in proc.stdout
+    assert "MX_INSTNORM_BACKEND=python" in proc.stdout
+
+
+@needs_compiled
+@pytest.mark.parametrize("value", ["auto", "compiled", " Compiled ", ""])
+def test_compiled_chosen(value):
+    proc = _run(REPORT, {"MX_INSTNORM_BACKEND": value})
+    assert proc.returncode == 0, proc.stderr
+    assert "BACKEND compiled" in proc.stdout
+    assert "OP mx_instnorm_InstanceNorm" in proc.stdout
+
+
+def test_invalid_value_is_named():
+    proc = _run("""
+        import mx_instnorm
+        try:
+            mx_instnorm.backend()
+        except ValueError as err:
+            print("ERR", err)
+    """, {"MX_INSTNORM_BACKEND": "cuda"})
+    assert proc.returncode == 0, proc.stderr
+    assert "ERR MX_INSTNORM_BACKEND must be one of auto, compiled, python, got 'cuda'" \
+        in proc.stdout
+
+
+# The library made unloadable from outside: a copy of the package whose .so
+# is absent, imported from a folder first on sys.path.
+_WITHOUT_LIBRARY = """
+    import shutil, sys, os, importlib.util
+    src = os.path.dirname(importlib.util.find_spec("mx_instnorm").origin)
+    dst = os.path.join(sys.argv[1], "mx_instnorm")
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+"""
+
+
+@pytest.fixture
+def package_without_library(tmp_path):
+    proc = _run(_WITHOUT_LIBRARY.replace("sys.argv[1]", repr(str(tmp_path))))
+    assert proc.returncode == 0, proc.stderr
+    return str(tmp_path)
+
+
+def test_missing_library_falls_back_with_a_reason(package_without_library):
+    proc = _run(REPORT, cwd=package_without_library,
+                env={"PYTHONPATH": package_without_library})
+    assert proc.returncode == 0, proc.stderr
+    assert "BACKEND python" in proc.stdout
+    assert "OP None" in proc.stdout
+    reason = [ln for ln in proc.stdout.splitlines() if ln.startswith("REASON")][0]
+    assert "not available" in reason and "libmx_instnorm.so" in reason
+
+
+def test_compiled_forced_without_library_raises(package_without_library):
+    proc = _run("""
+        import mx_instnorm
+        try:
+            mx_instnorm.backend()
+        except RuntimeError as err:
+            print("ERR", err)
+    """, env={"PYTHONPATH": package_without_library, "MX_INSTNORM_BACKEND": "compiled"},
+                cwd=package_without_library)
+    assert proc.returncode == 0, proc.stderr
+    assert "ERR MX_INSTNORM_BACKEND=compiled, but mx_instnorm's compiled operator is " \
+           "not available" in proc.stdout
+
+
+# --------------------------------------------------------------- graphs --
+
+def _exported(tmp_path, rng, backend):
+    """A conv + our block (axis 1) + our block (axis -1) network exported on
+    ``backend``; returns (prefix, x, expected y) with a float64 reference."""
+    os.environ["MX_INSTNORM_BACKEND"] = backend
+    try:
+        net = mx.gluon.nn.HybridSequential(prefix="net_")
+        with net.name_scope():
+            net.add(InstanceNorm(axis=1, epsilon=1e-3, scale=True, in_channels=3),
+                    InstanceNorm(axis=-1, epsilon=1e-2, in_channels=5))
+        net.initialize()
+        x, g, b = random_inputs(rng, (2, 3, 4, 5), 1, np.float32)
+        net[0].gamma.set_data(mx.nd.array(g))
+        net[0].beta.set_data(mx.nd.array(b))
+        net.hybridize()
+        net(mx.nd.array(x))
+        prefix = str(tmp_path / ("net_" + backend))
+        net.export(prefix)
+    finally:
+        del os.environ["MX_INSTNORM_BACKEND"]
+    y = ref_forward(x, g, b, 1e-3, 1)[0]
+    y = ref_forward(y, np.ones(5), np.zeros(5), 1e-2, -1)[0]
+    return prefix, x, y
+
+
+def _ops(symbol):
+    return [n["op"] for n in json.loads(symbol.tojson())["nodes"]]
+
+
+@needs_compiled
+def test_to_custom_and_back(rng, tmp_path):
+    prefix, x, want = _exported(tmp_path, rng, "compiled")
+    custom = mx_instnorm.to_custom(prefix + "-symbol.json")
+    assert _ops(custom).count("Custom") == 2 and mx_instnorm.COMPILED_OP not in _ops(custom)
+    compiled = mx_instnorm.to_compiled(custom)
+    assert _ops(compiled).count(mx_instnorm.COMPILED_OP) == 2
+    params = mx.nd.load(prefix + "-0000.params")
+    for sym in (custom, compiled):
+        assert sym.list_arguments() == mx.sym.load(prefix + "-symbol.json").list_arguments()
+        assert sym.list_outputs() == mx.sym.load(prefix + "-symbol.json").list_outputs()
+        args = {k[4:]: v for k, v in params.items() if k.startswith("arg:")}
+        args["data"] = mx.nd.array(x)
+        y = sym.bind(mx.cpu(), args).forward()[0].asnumpy()
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_compiled
+def test_graph_of_python_backend_runs_compiled(rng, tmp_path):
+    prefix, x, want = _exported(tmp_path, rng, "python")
+    assert "Custom" in _ops(mx.sym.load(prefix + "-symbol.json"))
+    sym = mx_instnorm.to_compiled(prefix + "-symbol.json")
+    block = mx.gluon.SymbolBlock(sym, mx.sym.var("data"))
+    block.collect_params().load(prefix + "-0000.params", ignore_extra=True,
+                                restore_prefix="")
+    data = mx.nd.array(x)
+    data.attach_grad()
+    dy = np.ones_like(x)
+    with mx.autograd.record():
+        y = block(data)
+    y.backward(mx.nd.array(dy))
+    np.testing.assert_allclose(y.asnumpy(), want, rtol=1e-4, atol=1e-4)
+    assert np.isfinite(data.grad.asnumpy()).all()
+
+
+@needs_compiled
+def test_compiled_graph_where_library_is_missing(rng, tmp_path, package_without_library):
+    """Loading names the fix; to_custom makes it run there."""
+    prefix, x, want = _exported(tmp_path, rng, "compiled")
+    np.save(str(tmp_path / "x.npy"), x)
+    proc = _run("""
+        import sys, numpy as np, mxnet as mx, mx_instnorm
+        prefix, folder = sys.argv[1:3]
+        assert mx_instnorm.backend() == "python"
+        try:
+            mx.gluon.SymbolBlock.imports(prefix + "-symbol.json", ["data"],
+                                         prefix + "-0000.params")
+        except mx.MXNetError as err:
+            print("LOAD ERROR:", str(err).splitlines()[0])
+        sym = mx_instnorm.to_custom(prefix + "-symbol.json")
+        block = mx.gluon.SymbolBlock(sym, mx.sym.var("data"))
+        block.collect_params().load(prefix + "-0000.params", ignore_extra=True)
+        np.save(folder + "/y.npy", block(mx.nd.array(np.load(folder + "/x.npy"))).asnumpy())
+    """, env={"PYTHONPATH": package_without_library}, cwd=package_without_library,
+                args=(prefix, str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOAD ERROR: this graph uses mx_instnorm's compiled operator" in proc.stdout
+    assert "mx_instnorm.to_custom" in proc.stdout
+    np.testing.assert_allclose(np.load(str(tmp_path / "y.npy")), want, rtol=1e-4, atol=1e-4)
+
+
+def test_to_custom_rejects_what_is_not_a_graph(tmp_path):
+    with pytest.raises(ValueError, match="is none of these"):
+        mx_instnorm.to_custom(str(tmp_path / "missing-symbol.json"))
+    with pytest.raises(TypeError, match="got int"):
+        mx_instnorm.to_custom(3)
+
+
+@needs_compiled
+def test_graph_of_version_0_1_loads_and_matches(rng, tmp_path):
+    """A graph with Custom nodes only (what 0.1 exported) still loads and
+    runs, and to_compiled gives the same result."""
+    prefix, x, want = _exported(tmp_path, rng, "python")
+    sym = mx.sym.load(prefix + "-symbol.json")
+    params = mx.nd.load(prefix + "-0000.params")
+    args = {k[4:]: v for k, v in params.items() if k.startswith("arg:")}
+    args["data"] = mx.nd.array(x)
+    for s in (sym, mx_instnorm.to_compiled(sym)):
+        np.testing.assert_allclose(s.bind(mx.cpu(), args).forward()[0].asnumpy(), want,
+                                   rtol=1e-4, atol=1e-4)
