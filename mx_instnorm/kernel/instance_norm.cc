@@ -13,10 +13,10 @@
 // around 1e19 and above in float32) is reduced again in double, scaled by
 // its largest deviation, so y is not silently beta.
 //
-// Backward: one fused pass over (dy, x) per instance gives sum(g),
-// sum(g * e) and sum(e) with e = x - mean (mean as saved, rounded); the
-// last sum corrects the rounding of the saved mean (d = e - delta), so the
-// gradients keep their digits at large offsets too. Then one pass writes dx.
+// Backward: no statistics are saved (see lib_instance_norm.cc for why);
+// one fused pass over (dy, x) per instance gives sum(d), sum(d^2), sum(g)
+// and sum(g d) with d = x - K, hence mu, var, c1 and c2 (an instance whose
+// K lies far out in it is reduced again, exactly). Then one pass writes dx.
 //
 // Threads: std::thread workers created per call (no OpenMP, no persistent
 // pool: a process forked after a call can use the kernel), taking work
@@ -277,8 +277,8 @@ MX_INSTNORM_HOT void forward_segments(const Layout& L, const T* x, const P* gamm
       }
     }
     Stats st = finish_stats(mo, x, L, n, c, K, eps);
-    mean[i] = static_cast<A>(st.shift + st.mu);
-    rstd[i] = static_cast<A>(st.rstd);
+    if (mean != nullptr) mean[i] = static_cast<A>(st.shift + st.mu);
+    if (rstd != nullptr) rstd[i] = static_cast<A>(st.rstd);
     const A mu = static_cast<A>(st.mu);
     const A k = static_cast<A>(widen(gamma[c]) * static_cast<A>(st.rstd));
     const A b = static_cast<A>(widen(beta[c]));
@@ -326,8 +326,8 @@ MX_INSTNORM_HOT void forward_columns(const Layout& L, const T* x, const P* gamma
   for (int64_t j = 0; j < w; ++j) {
     const int64_t c = c0 + j;
     Stats st = finish_stats(mo[j], x, L, n, c, K[j], eps);
-    mean[n * C + c] = static_cast<A>(st.shift + st.mu);
-    rstd[n * C + c] = static_cast<A>(st.rstd);
+    if (mean != nullptr) mean[n * C + c] = static_cast<A>(st.shift + st.mu);
+    if (rstd != nullptr) rstd[n * C + c] = static_cast<A>(st.rstd);
     mu[j] = static_cast<A>(st.mu);
     k[j] = static_cast<A>(widen(gamma[c]) * static_cast<A>(st.rstd));
     b[j] = static_cast<A>(widen(beta[c]));
@@ -341,128 +341,161 @@ MX_INSTNORM_HOT void forward_columns(const Layout& L, const T* x, const P* gamma
 
 // --------------------------------------------------------------- backward --
 
-// Fused sums over one contiguous chunk: sum(g), sum(g * e), sum(e) with
-// e = x - mean.
+// The fused sums of one instance, with d = x - K (K its first element):
+// sum(d), sum(d^2), sum(g), sum(g d).
+struct GradSums {
+  double d = 0, dd = 0, g = 0, gd = 0;
+};
+
 template <class T, class A>
-MX_INSTNORM_INLINE void chunk_grad_sums(const T* g, const T* x, int64_t len, A mean, double* sg,
-                                        double* sge, double* se) {
+MX_INSTNORM_INLINE void chunk_grad_sums(const T* g, const T* x, int64_t len, A K, GradSums* out) {
   typedef typename Vec<A>::type V;
   constexpr int n = Vec<A>::lanes;
-  V s0 = {}, s1 = {}, s2 = {};
+  V s_d = {}, s_dd = {}, s_g = {}, s_gd = {};
   int64_t i = 0;
   for (; i + n <= len; i += n) {
-    V gv = load<A>(g + i), e = load<A>(x + i) - mean;
-    s0 += gv;
-    s1 += gv * e;
-    s2 += e;
+    V gv = load<A>(g + i), d = load<A>(x + i) - K;
+    s_d += d;
+    s_dd += d * d;
+    s_g += gv;
+    s_gd += gv * d;
   }
-  A t0 = 0, t1 = 0, t2 = 0;
+  A t_d = 0, t_dd = 0, t_g = 0, t_gd = 0;
   for (; i < len; ++i) {
-    A gv = widen(g[i]), e = widen(x[i]) - mean;
-    t0 += gv;
-    t1 += gv * e;
-    t2 += e;
+    A gv = widen(g[i]), d = widen(x[i]) - K;
+    t_d += d;
+    t_dd += d * d;
+    t_g += gv;
+    t_gd += gv * d;
   }
-  *sg += lane_total(s0) + t0;
-  *sge += lane_total(s1) + t1;
-  *se += lane_total(s2) + t2;
+  out->d += lane_total(s_d) + t_d;
+  out->dd += lane_total(s_dd) + t_dd;
+  out->g += lane_total(s_g) + t_g;
+  out->gd += lane_total(s_gd) + t_gd;
 }
 
-// dx = k (g - c1 - xhat c2) as a1 g - a2 e + a0 (see backward_coefficients).
+// The statistics from the fused sums: mu = E[d], var = E[d^2] - mu^2 and
+// sum(g (x - mean)) = sum(g d) - mu sum(g), which keep their digits while
+// K lies within 4 standard deviations of the mean (d is then as large as
+// the spread, not the offset). Instances where it does not, or whose
+// squares overflowed, are reduced again, exactly: the statistics as in the
+// forward's slow path, and sum(g (d - mu)) in double (stored back into
+// sums->gd so that the formula above gives it).
+template <class T>
+Stats backward_stats(GradSums* sums, const T* dy, const T* x, const Layout& L, int64_t n,
+                     int64_t c, double K, double eps) {
+  const double m = static_cast<double>(L.a * L.b);
+  const double mu = sums->d / m, var = sums->dd / m - mu * mu;
+  if (std::isfinite(var) && std::isfinite(mu) && mu * mu <= 16 * var)
+    return {K, mu, 1.0 / std::sqrt(std::max(var, 0.0) + eps)};
+  Stats st = scaled_stats(x, L, n, c, K, eps);
+  double centered = 0;
+  const int64_t offset = ((n * L.a) * L.c + c) * L.b;
+  for (int64_t a = 0; a < L.a; ++a) {
+    const int64_t base = offset + a * L.c * L.b;
+    for (int64_t j = 0; j < L.b; ++j)
+      centered += static_cast<double>(widen(dy[base + j])) *
+                  (static_cast<double>(widen(x[base + j])) - K - st.mu);
+  }
+  sums->gd = centered + st.mu * sums->g;
+  return st;
+}
+
+// dx = k (g - c1 - xhat c2) = k (g - b1 d + b0), with d = x - K,
+// b1 = rstd c2 and b0 = b1 mu - c1. k is kept apart: at |x| ~ 1e30, k and
+// b1 are both ~1e-30 and their product would underflow float32.
 struct DxCoef {
-  double a0, a1, a2;
+  double k, b0, b1;
   double dgamma, dbeta;  // this instance's sum(g xhat) and sum(g)
 };
 
-MX_INSTNORM_INLINE DxCoef backward_coefficients(double m, double gamma, double rstd, double sg,
-                                                double sge, double se) {
-  // e = x - mean_saved = d + delta, delta = mean_true - mean_saved.
-  const double delta = se / m;
-  const double sgd = sge - delta * sg;  // sum(g d)
-  const double c1 = sg / m, c2 = rstd * sgd / m;
-  const double k = gamma * rstd;
+MX_INSTNORM_INLINE DxCoef backward_coefficients(double m, double gamma, const Stats& st,
+                                                const GradSums& sums) {
+  const double rstd = st.rstd;
+  const double sum_g_centered = sums.gd - st.mu * sums.g;  // sum(g (x - mean))
+  const double c1 = sums.g / m, c2 = rstd * sum_g_centered / m;
   DxCoef co;
-  co.a1 = k;
-  co.a2 = k * rstd * c2;
-  co.a0 = -k * c1 + co.a2 * delta;
-  co.dgamma = rstd * sgd;
-  co.dbeta = sg;
+  co.k = gamma * rstd;
+  co.b1 = rstd * c2;
+  co.b0 = co.b1 * st.mu - c1;
+  co.dgamma = rstd * sum_g_centered;
+  co.dbeta = sums.g;
   return co;
 }
 
 template <class T, class P>
 MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x, const P* gamma,
-                                       const typename Acc<T>::type* mean,
-                                       const typename Acc<T>::type* rstd, T* dx,
-                                       double* dgamma_part, double* dbeta_part, int64_t first,
-                                       int64_t last) {
+                                       double eps, T* dx, double* dgamma_part,
+                                       double* dbeta_part, int64_t first, int64_t last) {
   typedef typename Acc<T>::type A;
   const double m = static_cast<double>(L.a * L.b);
   for (int64_t i = first; i < last; ++i) {
     const int64_t n = i / L.c, c = i % L.c;
     const int64_t base = (n * L.a * L.c + c) * L.b, stride = L.c * L.b;
-    const A mn = mean[i];
-    double sg = 0, sge = 0, se = 0;
+    const A K = widen(x[base]);
+    GradSums sums;
     for (int64_t a = 0; a < L.a; ++a)
       for (int64_t off = 0; off < L.b; off += kChunk)
         chunk_grad_sums(dy + base + a * stride + off, x + base + a * stride + off,
-                        std::min(kChunk, L.b - off), mn, &sg, &sge, &se);
-    DxCoef co = backward_coefficients(m, widen(gamma[c]), rstd[i], sg, sge, se);
+                        std::min(kChunk, L.b - off), K, &sums);
+    const Stats st = backward_stats(&sums, dy, x, L, n, c, K, eps);
+    const DxCoef co = backward_coefficients(m, widen(gamma[c]), st, sums);
     dgamma_part[i] = co.dgamma;
     dbeta_part[i] = co.dbeta;
     if (dx == nullptr) continue;
-    const A a0 = static_cast<A>(co.a0), a1 = static_cast<A>(co.a1), a2 = static_cast<A>(co.a2);
+    const A k = static_cast<A>(co.k), b0 = static_cast<A>(co.b0), b1 = static_cast<A>(co.b1);
     for (int64_t a = 0; a < L.a; ++a) {
       const int64_t off = base + a * stride;
       const T* g = dy + off;
       const T* p = x + off;
       T* q = dx + off;
-      for (int64_t j = 0; j < L.b; ++j) q[j] = narrow<T>(a1 * widen(g[j]) - a2 * (widen(p[j]) - mn) + a0);
+      for (int64_t j = 0; j < L.b; ++j) q[j] = narrow<T>(k * (widen(g[j]) - b1 * (widen(p[j]) - K) + b0));
     }
   }
 }
 
 template <class T, class P>
 MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, const P* gamma,
-                                      const typename Acc<T>::type* mean,
-                                      const typename Acc<T>::type* rstd, T* dx,
-                                      double* dgamma_part, double* dbeta_part, int64_t n,
-                                      int64_t c0, int64_t c1) {
+                                      double eps, T* dx, double* dgamma_part,
+                                      double* dbeta_part, int64_t n, int64_t c0, int64_t c1) {
   typedef typename Acc<T>::type A;
   const int64_t w = c1 - c0, C = L.c;
   const int64_t base = n * L.a * C + c0;
-  A mn[kColBlock], s0[kColBlock], s1[kColBlock], s2[kColBlock];
-  A a0[kColBlock], a1[kColBlock], a2[kColBlock];
-  double sg[kColBlock] = {}, sge[kColBlock] = {}, se[kColBlock] = {};
-  for (int64_t j = 0; j < w; ++j) mn[j] = mean[n * C + c0 + j];
+  A K[kColBlock], s_d[kColBlock], s_dd[kColBlock], s_g[kColBlock], s_gd[kColBlock];
+  A k[kColBlock], b0[kColBlock], b1[kColBlock];
+  GradSums sums[kColBlock];
+  for (int64_t j = 0; j < w; ++j) K[j] = widen(x[base + j]);
   for (int64_t r0 = 0; r0 < L.a; r0 += kRowChunk) {
     const int64_t r1 = std::min(L.a, r0 + kRowChunk);
-    for (int64_t j = 0; j < w; ++j) s0[j] = s1[j] = s2[j] = 0;
+    for (int64_t j = 0; j < w; ++j) s_d[j] = s_dd[j] = s_g[j] = s_gd[j] = 0;
     for (int64_t r = r0; r < r1; ++r) {
       const T* g = dy + base + r * C;
       const T* p = x + base + r * C;
       for (int64_t j = 0; j < w; ++j) {
-        A gv = widen(g[j]), e = widen(p[j]) - mn[j];
-        s0[j] += gv;
-        s1[j] += gv * e;
-        s2[j] += e;
+        A gv = widen(g[j]), d = widen(p[j]) - K[j];
+        s_d[j] += d;
+        s_dd[j] += d * d;
+        s_g[j] += gv;
+        s_gd[j] += gv * d;
       }
     }
     for (int64_t j = 0; j < w; ++j) {
-      sg[j] += s0[j];
-      sge[j] += s1[j];
-      se[j] += s2[j];
+      sums[j].d += s_d[j];
+      sums[j].dd += s_dd[j];
+      sums[j].g += s_g[j];
+      sums[j].gd += s_gd[j];
     }
   }
   const double m = static_cast<double>(L.a);
   for (int64_t j = 0; j < w; ++j) {
     const int64_t i = n * C + c0 + j;
-    DxCoef co = backward_coefficients(m, widen(gamma[c0 + j]), rstd[i], sg[j], sge[j], se[j]);
+    const Stats st = backward_stats(&sums[j], dy, x, L, n, c0 + j, K[j], eps);
+    const DxCoef co = backward_coefficients(m, widen(gamma[c0 + j]), st, sums[j]);
     dgamma_part[i] = co.dgamma;
     dbeta_part[i] = co.dbeta;
-    a0[j] = static_cast<A>(co.a0);
-    a1[j] = static_cast<A>(co.a1);
-    a2[j] = static_cast<A>(co.a2);
+    k[j] = static_cast<A>(co.k);
+    b0[j] = static_cast<A>(co.b0);
+    b1[j] = static_cast<A>(co.b1);
   }
   if (dx == nullptr) return;
   for (int64_t r = 0; r < L.a; ++r) {
@@ -470,7 +503,7 @@ MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, 
     const T* p = x + base + r * C;
     T* q = dx + base + r * C;
     for (int64_t j = 0; j < w; ++j)
-      q[j] = narrow<T>(a1[j] * widen(g[j]) - a2[j] * (widen(p[j]) - mn[j]) + a0[j]);
+      q[j] = narrow<T>(k[j] * (widen(g[j]) - b1[j] * (widen(p[j]) - K[j]) + b0[j]));
   }
 }
 
@@ -559,8 +592,8 @@ void run_forward(const Layout& L, const void* xv, const void* gv, const void* bv
   const int64_t instances = L.n * L.c, m = L.a * L.b;
   if (instances == 0) return;
   if (m == 0) {
-    std::fill(mean, mean + instances, std::numeric_limits<A>::quiet_NaN());
-    std::fill(rstd, rstd + instances, std::numeric_limits<A>::quiet_NaN());
+    if (mean != nullptr) std::fill(mean, mean + instances, std::numeric_limits<A>::quiet_NaN());
+    if (rstd != nullptr) std::fill(rstd, rstd + instances, std::numeric_limits<A>::quiet_NaN());
     return;
   }
   const size_t bytes = static_cast<size_t>(instances * m) * sizeof(T);
@@ -583,15 +616,11 @@ void run_forward(const Layout& L, const void* xv, const void* gv, const void* bv
 }
 
 template <class T, class P>
-void run_backward(const Layout& L, const void* dyv, const void* xv, const void* gv,
-                  const void* meanv, const void* rstdv, void* dxv, void* dgv, void* dbv,
-                  int num_threads) {
-  typedef typename Acc<T>::type A;
+void run_backward(const Layout& L, const void* dyv, const void* xv, const void* gv, double eps,
+                  void* dxv, void* dgv, void* dbv, int num_threads) {
   const T* dy = static_cast<const T*>(dyv);
   const T* x = static_cast<const T*>(xv);
   const P* gamma = static_cast<const P*>(gv);
-  const A* mean = static_cast<const A*>(meanv);
-  const A* rstd = static_cast<const A*>(rstdv);
   T* dx = static_cast<T*>(dxv);
   P* dgamma = static_cast<P*>(dgv);
   P* dbeta = static_cast<P*>(dbv);
@@ -605,7 +634,7 @@ void run_backward(const Layout& L, const void* dyv, const void* xv, const void* 
       const int64_t blocks = (L.c + kColBlock - 1) / kColBlock, items = L.n * blocks;
       parallel_for(items, threads_for(num_threads, items, 2 * bytes), [&](int64_t it) {
         const int64_t n = it / blocks, c0 = (it % blocks) * kColBlock;
-        backward_columns<T, P>(L, dy, x, gamma, mean, rstd, dx, dgamma_part.data(),
+        backward_columns<T, P>(L, dy, x, gamma, eps, dx, dgamma_part.data(),
                                dbeta_part.data(), n, c0, std::min(L.c, c0 + kColBlock));
       });
     } else {
@@ -613,7 +642,7 @@ void run_backward(const Layout& L, const void* dyv, const void* xv, const void* 
           std::max<int64_t>(1, kGroupBytes / (2 * m * static_cast<int64_t>(sizeof(T))));
       const int64_t items = (instances + group - 1) / group;
       parallel_for(items, threads_for(num_threads, items, 2 * bytes), [&](int64_t it) {
-        backward_segments<T, P>(L, dy, x, gamma, mean, rstd, dx, dgamma_part.data(),
+        backward_segments<T, P>(L, dy, x, gamma, eps, dx, dgamma_part.data(),
                                 dbeta_part.data(), it * group,
                                 std::min(instances, (it + 1) * group));
       });
@@ -684,17 +713,17 @@ bool forward(const Layout& lay, DType data, DType param, const void* x, const vo
 }
 
 bool backward(const Layout& lay, DType data, DType param, const void* dy, const void* x,
-              const void* gamma, const void* mean, const void* rstd, void* dx, void* dgamma,
-              void* dbeta, int num_threads, std::string* error) {
+              const void* gamma, double eps, void* dx, void* dgamma, void* dbeta,
+              int num_threads, std::string* error) {
   if (bad_dtypes(data, param, error)) return false;
   if (data == kFloat16 && param == kFloat16)
-    run_backward<half_t, half_t>(lay, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, num_threads);
+    run_backward<half_t, half_t>(lay, dy, x, gamma, eps, dx, dgamma, dbeta, num_threads);
   else if (data == kFloat16)
-    run_backward<half_t, float>(lay, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, num_threads);
+    run_backward<half_t, float>(lay, dy, x, gamma, eps, dx, dgamma, dbeta, num_threads);
   else if (data == kFloat32)
-    run_backward<float, float>(lay, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, num_threads);
+    run_backward<float, float>(lay, dy, x, gamma, eps, dx, dgamma, dbeta, num_threads);
   else
-    run_backward<double, double>(lay, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, num_threads);
+    run_backward<double, double>(lay, dy, x, gamma, eps, dx, dgamma, dbeta, num_threads);
   return true;
 }
 

@@ -34,21 +34,21 @@ int num_threads_from_env(std::string* error);
 //   x, y:        N*A*C*B elements of dtype `data`, C-contiguous.
 //   gamma, beta: C elements of dtype `param` (== data, or float32 with
 //                float16 data).
-//   mean, rstd:  N*C elements of accumulation_dtype(data), written; NaN
-//                for empty instances (M == 0).
+//   mean, rstd:  N*C elements of accumulation_dtype(data), written when
+//                not null; NaN for empty instances (M == 0).
 // Returns false (and sets `error`) for an unsupported dtype combination.
 bool forward(const Layout& lay, DType data, DType param, const void* x,
              const void* gamma, const void* beta, double eps, void* y, void* mean,
              void* rstd, int num_threads, std::string* error);
 
-// Backward from dy, x, gamma and the forward's mean and rstd (y and beta are
-// not needed). Any of dx, dgamma, dbeta may be null: that gradient is not
-// written. dgamma and dbeta have dtype `param`. Results are bitwise
+// Backward from dy, x and gamma alone (y and beta are not needed): the
+// statistics are recomputed in the same pass that sums dy, at no extra
+// memory traffic. Any of dx, dgamma, dbeta may be null: that gradient is
+// not written. dgamma and dbeta have dtype `param`. Results are bitwise
 // identical for every num_threads.
 bool backward(const Layout& lay, DType data, DType param, const void* dy,
-              const void* x, const void* gamma, const void* mean, const void* rstd,
-              void* dx, void* dgamma, void* dbeta, int num_threads,
-              std::string* error);
+              const void* x, const void* gamma, double eps, void* dx, void* dgamma,
+              void* dbeta, int num_threads, std::string* error);
 
 }  // namespace mx_instnorm
 

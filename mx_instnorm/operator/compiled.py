@@ -8,13 +8,11 @@
 failure is cached too). Which backend runs is decided elsewhere
 (:mod:`mx_instnorm.operator.backend`), never here.
 
-The operator, as registered (see ``lib_instance_norm.cc``):
-
-* inputs ``data, gamma, beta``; attributes ``eps`` (default 0.001) and
-  ``axis`` (default 1);
-* outputs ``y, mean, rstd``: ``mean`` and ``rstd`` (shape (N, C), float32
-  for float16 data) are what backward reads; callers use output 0. The
-  library API has no hidden outputs, so ``out=`` takes three arrays.
+The operator, as registered (see ``lib_instance_norm.cc``): inputs
+``data, gamma, beta``, attributes ``eps`` (default 0.001) and ``axis``
+(default 1), one output ``y``. Its backward reads ``dy``, ``data`` and
+``gamma`` and always writes its three gradients (MXNet 1.9.1 passes no
+``req`` to a library operator).
 """
 import ctypes
 import importlib.util
