@@ -10,7 +10,6 @@ fed through views that keep ``grad_req='add'`` correct, or the Python
 CustomOp with the layout guards of :mod:`._onednn` (see docs/onednn.md).
 """
 import mxnet as mx
-import numpy as np
 
 from . import _params, backend
 from ._onednn import guard_input, guard_output
@@ -62,22 +61,17 @@ def _compiled(F, data, gamma, beta, eps, axis, name, out):
             data, gamma, beta = (a.reshape(a.shape) if a.grad is not None else a
                                  for a in (data, gamma, beta))
         if out is not None:
-            # The operator's outputs are y and the (N, C) statistics its
-            # backward reads; out= must name all three.
-            stats = _stats_shape(data.shape, axis)
-            stats_dtype = "float32" if data.dtype == np.float16 else data.dtype
-            kwargs["out"] = [out] + [mx.nd.empty(stats, dtype=stats_dtype)
-                                     for _ in range(2)]
-        return op(data, gamma, beta, **kwargs)[0]
+            kwargs["out"] = out
+        return op(data, gamma, beta, **kwargs)
     for param in (gamma, beta):
         _declare_rank_one(param)
     data, gamma, beta = (_view(F, a, name, "_" + role)
                          for a, role in ((data, "data"), (gamma, "gamma"), (beta, "beta")))
     if name is not None:
         kwargs["name"] = name + "_op"
-    # The operator's visible output is its first; an in-place identity named
-    # ``name`` gives it the built-in's output name, ``<name>_output``.
-    return F.identity(op(data, gamma, beta, **kwargs)[0], **_named(name, ""))
+    # A library operator's output is named <name>_output0; an in-place
+    # identity named ``name`` gives the built-in's name, ``<name>_output``.
+    return F.identity(op(data, gamma, beta, **kwargs), **_named(name, ""))
 
 
 def _declare_rank_one(param):
@@ -92,10 +86,6 @@ def _declare_rank_one(param):
     """
     if param.get_children() is None and param.attr("__shape__") is None:
         param._set_attr(__shape__="(-1,)" if mx.util.is_np_shape() else "(0,)")
-
-
-def _stats_shape(shape, axis):
-    return (shape[0], shape[_params.normalize_axis(axis, len(shape))])
 
 
 def _custom(F, data, gamma, beta, eps, axis, name, out, rank, empty):

@@ -7,7 +7,8 @@ installs one converter for ``Custom`` that handles nodes whose ``op_type``
 is :data:`OP_TYPE` and hands any other ``op_type`` to the converter that was
 registered before it (or fails as MXNet does for an op it cannot convert).
 
-Our node becomes ONNX ``InstanceNormalization`` (opset 6+, channels on axis
+The compiled operator's node (:data:`COMPILED_NAME`, its own ``op``) gets
+the same converter. Our node becomes ONNX ``InstanceNormalization`` (opset 6+, channels on axis
 1), with a ``Transpose`` swapping the channel axis with axis 1 on each side
 for any other axis. ``Transpose`` needs the rank; mx2onnx gives a converter
 no shapes, so the rank is inferred from the part of the MXNet graph that
@@ -29,6 +30,7 @@ import numpy as np
 
 from . import _params
 from .custom_op import OP_TYPE
+from .graphs import COMPILED_NAME
 
 __all__ = ["register", "convert_instance_norm"]
 
@@ -148,6 +150,15 @@ def _custom_converter(previous):
     return convert_custom
 
 
+def _compiled_converter(previous):
+    """The compiled operator's node converts as the Custom one does (same
+    inputs and attributes; of its outputs only y is ever consumed)."""
+    def convert_compiled(node, **kwargs):
+        return convert_instance_norm(node, **kwargs)
+    convert_compiled.mx_instnorm_previous = previous
+    return convert_compiled
+
+
 def _is_identity_reshape(attrs):
     """True for ``reshape(shape=(-2,))``: -2 copies all remaining dims."""
     text = str(attrs.get("shape", "")).strip("()[] ")
@@ -186,8 +197,8 @@ def _install(graph_class, registry, op, make_converter):
 
 
 def register():
-    """Registers the converters with mx2onnx (idempotent): ``Custom`` (our
-    op) and ``Reshape`` (the identity reshape guarding our op's input).
+    """Registers the converters with mx2onnx (idempotent): ``Custom`` and
+    the compiled operator (our two kinds of node), and ``Reshape`` (the identity reshape guarding our op's input).
 
     Returns True if mx2onnx now holds them: False when ``mxnet.onnx`` cannot
     be imported or its registry is inactive (``onnx`` not installed).
@@ -201,4 +212,5 @@ def register():
         return False
     _install(MXNetGraph, registry, "Custom", _custom_converter)
     _install(MXNetGraph, registry, "Reshape", _reshape_converter)
+    _install(MXNetGraph, registry, COMPILED_NAME, _compiled_converter)
     return any("Custom" in ops for ops in registry.values())
