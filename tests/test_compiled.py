@@ -354,6 +354,15 @@ def test_shape_inference_error_is_ours():
         s.infer_shape(data=(2, 3, 4))
 
 
+def test_unknown_data_shape_is_a_clear_error():
+    # MXNet's library-operator shim cannot pass an unknown shape on: with
+    # the parameter shapes known, the operator sees an empty data shape
+    # and says what it needs.
+    s = sym_op(mx.sym.var("data"), mx.sym.var("gamma"), mx.sym.var("beta"))
+    with pytest.raises(mx.MXNetError, match="infers shapes from the data shape only"):
+        s.infer_shape_partial(gamma=(3,), beta=(3,))
+
+
 def test_loader_is_idempotent():
     assert compiled.load() == OP == compiled.OP_NAME
     assert compiled.load() == OP

@@ -291,8 +291,15 @@ MXReturnValue inferShape(const Attrs& attrs, std::vector<std::vector<unsigned in
   std::vector<int64_t> shape(data.begin(), data.end());
   mx_instnorm::Layout lay;
   // An unknown shape reaches the library as an empty one (MXNet's shim
-  // drops ndim -1), indistinguishable from a scalar: rank 0 is rejected
-  // with the rank message.
+  // drops ndim -1), indistinguishable from a scalar. (With the data shape
+  // unknown and a parameter shape unknown too, MXNet's shim fails before
+  // calling us, with std::bad_alloc.)
+  if (shape.empty()) {
+    fail_message() << "InstanceNorm needs data of rank >= 3 (batch, channel, spatial...), got "
+                   << "rank 0 or an unknown shape: the compiled operator infers shapes from "
+                   << "the data shape only";
+    return MX_FAIL;
+  }
   if (!layout_of(shape, axis, &lay)) return MX_FAIL;
   const char* names[2] = {"gamma", "beta"};
   for (int i = 1; i <= 2; ++i) {
