@@ -2,7 +2,7 @@
 import mxnet as mx
 from mxnet.gluon import HybridBlock
 
-from ..operator import _params, backend
+from ..operator import _params, backend, explain_errors
 from ..operator.functions import instance_norm
 
 __all__ = ["InstanceNorm"]
@@ -113,7 +113,8 @@ class InstanceNorm(HybridBlock):
             except TypeError as err:
                 raise TypeError("%s: %s; cast the block (block.cast(dtype)) or the "
                                 "data" % (self.name, err)) from None
-        return super().forward(x, *args)
+        with explain_errors():
+            return super().forward(x, *args)
 
     def hybrid_forward(self, F, x, gamma, beta):
         # The data's rank is unknown when a hybridized parent builds the graph.

@@ -12,6 +12,7 @@ CustomOp with the layout guards of :mod:`._onednn` (see docs/onednn.md).
 import mxnet as mx
 
 from . import _params, backend
+from ._errors import explain_errors
 from ._onednn import guard_input, guard_output
 from .custom_op import OP_TYPE
 
@@ -190,7 +191,8 @@ def nd_instance_norm(data, gamma, beta, eps=1e-3, axis=1, out=None, name=None):
         # MXNet's legacy shape rules read a 0 as "unknown" and no operator
         # can run on such an array; the result of an empty batch is empty.
         return out if out is not None else mx.nd.empty(data.shape, dtype=data.dtype)
-    return instance_norm(mx.nd, data, gamma, beta, eps, axis, name, out)
+    with explain_errors():
+        return instance_norm(mx.nd, data, gamma, beta, eps, axis, name, out)
 
 
 def sym_instance_norm(data=None, gamma=None, beta=None, eps=1e-3, axis=1, name=None):
