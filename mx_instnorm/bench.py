@@ -40,8 +40,11 @@ Flags
                 keeps the parent's and the imports' transient peaks).
 --memory-case NAME   the case --memory uses (default: the first non-tiny).
 
-When Numba is installed our kernel runs its fused loops; the benchmark then
-also times ``ours-numpy`` (``MX_INSTNORM_KERNEL=numpy``).
+``ours`` is the backend ``mx_instnorm.backend()`` picks (the compiled
+operator where it is built); when that is the compiled one, ``ours-python``
+times the Python CustomOp beside it. When Numba is installed the Python
+backend's kernel runs its fused loops, and ``ours-python-numpy`` times it
+with ``MX_INSTNORM_KERNEL=numpy``.
 """
 import argparse
 import math
@@ -211,12 +214,19 @@ def _gluon_fwdbwd(inp, block):
     return run
 
 
-def _gluon_pair(inp):
+def _gluon_pair(inp, ours_only=False):
     from mxnet.gluon import nn
     from mx_instnorm.gluon import InstanceNorm
     kw = dict(axis=inp.axis, epsilon=EPS, scale=True, center=True)
-    return (_gluon_fwdbwd(inp, InstanceNorm(**kw)),
-            _gluon_fwdbwd(inp, nn.InstanceNorm(**kw)))
+    ours = _gluon_fwdbwd(inp, InstanceNorm(**kw))
+    if ours_only:
+        return ours
+    return ours, _gluon_fwdbwd(inp, nn.InstanceNorm(**kw))
+
+
+def _backend():
+    import mx_instnorm
+    return mx_instnorm.backend()
 
 
 def _torch(inp, threads):
@@ -344,6 +354,21 @@ def _with_kernel(kernel, fn):
     return run
 
 
+def _with_backend(name, fn):
+    """``fn`` run with MX_INSTNORM_BACKEND set to ``name`` for the call."""
+    def run():
+        old = os.environ.get("MX_INSTNORM_BACKEND")
+        os.environ["MX_INSTNORM_BACKEND"] = name
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["MX_INSTNORM_BACKEND"]
+            else:
+                os.environ["MX_INSTNORM_BACKEND"] = old
+    return run
+
+
 def _has_numba():
     try:
         from mx_instnorm.kernel import instance_norm as k
@@ -377,10 +402,18 @@ def _bench_case(name, shape, axis, args, has_numba):
 
     fwd = {"ours": ours_f, "builtin": bi_f}
     fb = {"ours": ours_fb, "builtin": bi_fb}
+    compiled = _backend() == "compiled"
+    if compiled:
+        # The Python CustomOp beside the compiled operator.
+        fwd["ours-python"] = _with_backend("python", ours_f)
+        fb["ours-python"] = _with_backend("python", ours_fb)
+        _check(name, "python forward y", fwd["ours-python"](), bi_f())
+        _check(name, "python backward dx", fb["ours-python"](), bi_fb())
     if has_numba:
-        fwd["ours-numpy"] = _with_kernel("numpy", ours_f)
-        fb["ours-numpy"] = _with_kernel("numpy", ours_fb)
-        _check(name, "numpy forward y", fwd["ours-numpy"](), bi_f())
+        python = (lambda fn: _with_backend("python", fn)) if compiled else (lambda fn: fn)
+        fwd["ours-python-numpy"] = python(_with_kernel("numpy", ours_f))
+        fb["ours-python-numpy"] = python(_with_kernel("numpy", ours_fb))
+        _check(name, "numpy forward y", fwd["ours-python-numpy"](), bi_f())
     if _is_tiny(name):
         emp_f, emp_fb = _empty_nd(inp)
         fwd["empty-customop"] = emp_f
@@ -404,8 +437,11 @@ def _bench_case(name, shape, axis, args, has_numba):
     fb_times = _time_interleaved(fb, args.repeat, args.warmup)
     fb_times["memcpy"] = floor_5x
     ours_g, bi_g = _gluon_pair(inp)
-    gluon_times = _time_interleaved({"ours": ours_g, "builtin": bi_g}, args.repeat,
-                                    args.warmup)
+    gluon = {"ours": ours_g, "builtin": bi_g}
+    if compiled:
+        build = _with_backend("python", lambda: _gluon_pair(inp, ours_only=True))
+        gluon["ours-python"] = _with_backend("python", build())
+    gluon_times = _time_interleaved(gluon, args.repeat, args.warmup)
     gluon_times["memcpy"] = floor_5x
     for mode, times, nbytes in (("fwd", fwd_times, 2 * nb), ("fwd+bwd", fb_times, 5 * nb),
                                 ("gluon fwd+bwd", gluon_times, 5 * nb)):
@@ -454,22 +490,25 @@ def _geomean(values):
 def _summary(rows):
     t = {(c, m, p): s for c, m, p, s, _ in rows}
     cases = sorted({c for c, *_ in rows if not _is_tiny(c)})
-    parts = []
-    for mode in ("fwd", "fwd+bwd", "gluon fwd+bwd"):
-        for other, label in (("builtin", "builtin"), ("torch", "torch"),
-                             ("memcpy", "memcpy")):
-            ratios = [t[(c, mode, other)] / t[(c, mode, "ours")] for c in cases
-                      if (c, mode, other) in t and (c, mode, "ours") in t]
-            if ratios:
-                g = _geomean(ratios)
-                if other == "memcpy":
-                    parts.append("%s %.2fx memcpy time" % (mode, 1 / g))
-                else:
-                    parts.append("%s %.1fx faster than %s" % (mode, g, label))
-    lines = ["geomean over %d non-tiny cases (ours): %s" % (len(cases), "; ".join(parts))]
+    lines = []
+    for ours in ("ours", "ours-python"):
+        parts = []
+        for mode in ("fwd", "fwd+bwd", "gluon fwd+bwd"):
+            for other in ("builtin", "torch", "memcpy"):
+                ratios = [t[(c, mode, other)] / t[(c, mode, ours)] for c in cases
+                          if (c, mode, other) in t and (c, mode, ours) in t]
+                if ratios:
+                    g = _geomean(ratios)
+                    if other == "memcpy":
+                        parts.append("%s %.2fx memcpy time" % (mode, 1 / g))
+                    else:
+                        parts.append("%s %.1fx faster than %s" % (mode, g, other))
+        if parts:
+            lines.append("geomean over %d non-tiny cases (%s): %s"
+                         % (len(cases), ours, "; ".join(parts)))
     ctx = []
-    for prov, ref, label in (("kernel-only", "memcpy", "kernel alone (NumPy arrays, "
-                              "no MXNet op): %.2fx memcpy time"),
+    for prov, ref, label in (("kernel-only", "memcpy", "Python backend's NumPy kernel alone "
+                              "(NumPy arrays, no MXNet op): %.2fx memcpy time"),
                              ("ours", "mx-copy", "ours: %.2fx the time of MXNet's "
                               "x.copy() (the cheapest op with a fresh output)")):
         ratios = [t[(c, "fwd", prov)] / t[(c, "fwd", ref)] for c in cases
@@ -480,11 +519,16 @@ def _summary(rows):
         lines.append("fwd, for context: " + "; ".join(ctx))
     for c in sorted({c for c, *_ in rows if _is_tiny(c)}):
         for mode in ("fwd", "fwd+bwd"):
-            o, b, e = (t.get((c, mode, p)) for p in ("ours", "builtin", "empty-customop"))
-            if o and e:
-                lines.append("%s %s latency: ours %.1f us, builtin %.1f us, empty "
-                             "CustomOp %.1f us (ours/empty %.2f; target <= 1.20)"
-                             % (c, mode, o * 1e6, (b or 0) * 1e6, e * 1e6, o / e))
+            o, p, b, e = (t.get((c, mode, prov)) for prov in
+                          ("ours", "ours-python", "builtin", "empty-customop"))
+            if o and b:
+                line = ("%s %s latency: ours %.1f us, builtin %.1f us (ours/builtin %.2f; "
+                        "target <= 1.20)" % (c, mode, o * 1e6, b * 1e6, o / b))
+                if p:
+                    line += "; ours-python %.1f us" % (p * 1e6)
+                if e:
+                    line += "; empty CustomOp %.1f us" % (e * 1e6)
+                lines.append(line)
     return lines
 
 
@@ -562,7 +606,9 @@ def _memory_child(provider, case, cases):
     g, b = mx.nd.ones(channels), mx.nd.zeros(channels)
     for arr in (x, g, b):
         arr.attach_grad()
-    if provider == "ours-numpy":
+    if provider.startswith("ours-python"):
+        os.environ["MX_INSTNORM_BACKEND"] = "python"
+    if provider.endswith("-numpy"):
         os.environ["MX_INSTNORM_KERNEL"] = "numpy"
     if provider.startswith("ours"):
         from mx_instnorm.nd import InstanceNorm
@@ -597,7 +643,8 @@ def _memory_child(provider, case, cases):
 
 
 def _memory(case, args, has_numba):
-    provs = ["ours", "builtin"] + (["ours-numpy"] if has_numba else [])
+    provs = ["ours", "builtin"] + (["ours-python"] if _backend() == "compiled" else []) \
+        + (["ours-python-numpy"] if has_numba else [])
     out = []
     for prov in provs:
         cmd = [sys.executable, "-m", "mx_instnorm.bench", "--_memory-child",
@@ -665,7 +712,9 @@ def main(argv=None):
     import mxnet as mx
     import mx_instnorm  # noqa: F401 - registers the op
     has_numba = _has_numba()
-    providers = ["ours", "builtin"] + (["ours-numpy"] if has_numba else [])
+    providers = ["ours (%s backend)" % mx_instnorm.backend(), "builtin"] \
+        + (["ours-python"] if mx_instnorm.backend() == "compiled" else []) \
+        + (["ours-python-numpy"] if has_numba else [])
     try:
         import torch
         providers.append("torch %s" % torch.__version__)

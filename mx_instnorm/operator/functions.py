@@ -18,6 +18,8 @@ from .custom_op import OP_TYPE
 
 __all__ = ["instance_norm", "nd_instance_norm", "sym_instance_norm"]
 
+_NDArray = mx.nd.NDArray
+
 # mx.nd / mx.sym functions of the compiled operator, looked up once per name.
 _compiled_functions = {}
 
@@ -175,24 +177,40 @@ def nd_instance_norm(data, gamma, beta, eps=1e-3, axis=1, out=None, name=None):
     """
     eps = _params.parse_eps(eps)
     axis = _params.parse_axis(axis)
+    compiled = (out is None and type(data) is _NDArray and type(gamma) is _NDArray
+                and type(beta) is _NDArray and backend.use_compiled()
+                and data.context.device_type == "cpu")
+    if compiled:
+        # Tiny calls notice every C API round trip (~1 us each): the library
+        # validates shapes and dtypes itself, so they are checked here only
+        # when it refuses, to raise the ValueError/TypeError the Python
+        # backend raises, with the same message.
+        try:
+            return _compiled(mx.nd, data, gamma, beta, eps, axis, name, None)
+        except mx.MXNetError:
+            pass
     for arg_name, value in (("data", data), ("gamma", gamma), ("beta", beta)):
         _expect(mx.nd.NDArray, arg_name, value)
-    channels = _params.check_data_shape(data.shape, axis)
+    shape, dtype = data.shape, data.dtype
+    channels = _params.check_data_shape(shape, axis)
     _params.check_param_shape("gamma", gamma.shape, channels)
     _params.check_param_shape("beta", beta.shape, channels)
-    _params.check_dtypes(data.dtype, gamma.dtype, beta.dtype)
+    _params.check_dtypes(dtype, gamma.dtype, beta.dtype)
     if out is not None:
         _expect(mx.nd.NDArray, "out", out)
-        if out.shape != data.shape or out.dtype != data.dtype:
+        if out.shape != shape or out.dtype != dtype:
             raise ValueError("out must have the data's shape %s and dtype %s, got "
-                             "%s %s" % (data.shape, data.dtype.__name__, out.shape,
+                             "%s %s" % (shape, dtype.__name__, out.shape,
                                         out.dtype.__name__))
-    if 0 in data.shape and not mx.util.is_np_shape():
+    if 0 in shape and not mx.util.is_np_shape():
         # MXNet's legacy shape rules read a 0 as "unknown" and no operator
         # can run on such an array; the result of an empty batch is empty.
-        return out if out is not None else mx.nd.empty(data.shape, dtype=data.dtype)
+        return out if out is not None else mx.nd.empty(shape, dtype=dtype)
+    if data.context.device_type == "cpu" and backend.use_compiled():
+        # The library's own errors carry its message already.
+        return _compiled(mx.nd, data, gamma, beta, eps, axis, name, out)
     with explain_errors():
-        return instance_norm(mx.nd, data, gamma, beta, eps, axis, name, out)
+        return _custom(mx.nd, data, gamma, beta, eps, axis, name, out, len(shape), False)
 
 
 def sym_instance_norm(data=None, gamma=None, beta=None, eps=1e-3, axis=1, name=None):

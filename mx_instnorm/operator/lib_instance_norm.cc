@@ -300,6 +300,19 @@ MXReturnValue inferShape(const Attrs& attrs, std::vector<std::vector<unsigned in
                    << "the data shape only";
     return MX_FAIL;
   }
+  // A size MXNet does not know yet (legacy shape rules also read a 0 so)
+  // arrives as -1 cast to unsigned; an output can only carry known sizes,
+  // so the data's must all be known.
+  for (unsigned int d : data) {
+    if (d == 0xFFFFFFFFu) {
+      std::vector<int64_t> shown;
+      for (unsigned int e : data) shown.push_back(e == 0xFFFFFFFFu ? -1 : e);
+      fail_message() << "the data shape " << shape_text(shown) << " is not fully known (-1 "
+                     << "is unknown; under MXNet's legacy shape rules a 0 is too): the "
+                     << "compiled operator needs every size";
+      return MX_FAIL;
+    }
+  }
   if (!layout_of(shape, axis, &lay)) return MX_FAIL;
   const char* names[2] = {"gamma", "beta"};
   for (int i = 1; i <= 2; ++i) {
