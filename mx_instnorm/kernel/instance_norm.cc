@@ -56,6 +56,12 @@
 #define MX_INSTNORM_HOT
 #endif
 #define MX_INSTNORM_INLINE inline __attribute__((always_inline))
+#if defined(__GNUC__) && !defined(__clang__)
+// The 64-byte vectors below never cross a function boundary (always
+// inlined, internal linkage): GCC's note that passing them changes the ABI
+// without AVX-512 does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace mx_instnorm {
 
