@@ -571,7 +571,10 @@ int threads_for(int requested, int64_t items, size_t bytes) {
 }
 
 // A fresh output (MXNet's CPU storage has no pool) faults in page by page;
-// on 2 MiB pages that is 512 times fewer faults.
+// on 2 MiB pages that is 512 times fewer faults. Measured (best of runs,
+// load 4-5 on 2 cores), forward+backward of (1, 64, 256, 256) float32:
+// 3.9-4.4 ms with the advice, 11.4 ms without; MADV_POPULATE_WRITE before
+// the threads start did not help (13.0 ms with it, 17.0 ms with it alone).
 void advise_fresh_output(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (p == nullptr || bytes < kHugePageMinBytes) return;
