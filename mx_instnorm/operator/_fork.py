@@ -46,6 +46,7 @@ import atexit
 import ctypes
 import os
 import threading
+import time
 
 import mxnet as mx
 from mxnet.base import _LIB, check_call
@@ -60,6 +61,7 @@ _wait_all.argtypes = ()
 _wait_all.restype = ctypes.c_int
 
 _installed = False
+_MAX_ROUNDS = 20
 # The last barrier's output. Recorded by autograd, it holds the barrier op's
 # state (and its Prop) until the next fork replaces it, so that MXNet's
 # threads never drop the last reference to them (which would call a Python
@@ -108,22 +110,43 @@ def _in_mxnet_thread():
     return isinstance(threading.current_thread(), threading._DummyThread)
 
 
+def _threads():
+    """The OS threads of this process now, or None where /proc is missing."""
+    try:
+        return set(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
+
+
+def _pass_barrier():
+    """One call of the barrier op, waited for with the GIL released."""
+    global _barrier
+    # Replacing the previous barrier's output frees its state here, on this
+    # thread, where its delete callback finds the GIL.
+    _barrier = None
+    data = mx.nd.zeros((1,), ctx=mx.cpu())
+    data.attach_grad()
+    with mx.autograd.record(train_mode=False):
+        out = mx.nd.Custom(data, op_type=BARRIER_OP_TYPE)
+    out.wait_to_read()
+    _barrier = out
+
+
 def _drain():
     """The before-fork handler (see the module docstring)."""
-    global _barrier
     if not _customop_used() or _in_mxnet_thread():
         return
     try:
         check_call(_wait_all())
-        # Replacing the previous barrier's output frees its state here, on
-        # this thread, where its delete callback finds the GIL.
-        _barrier = None
-        data = mx.nd.zeros((1,), ctx=mx.cpu())
-        data.attach_grad()
-        with mx.autograd.record(train_mode=False):
-            out = mx.nd.Custom(data, op_type=BARRIER_OP_TYPE)
-        out.wait_to_read()
-        _barrier = out
+        for _ in range(_MAX_ROUNDS):
+            before = _threads()
+            _pass_barrier()
+            if before is not None and _threads() <= before:
+                break
+            # MXNet started a thread for the barrier (a CustomOp worker,
+            # or the engine's after a fork): the worker we meant to pass
+            # was busy, and its tail may still come. Let it run, then again.
+            time.sleep(0.001)
         check_call(_wait_all())
     except mx.base.MXNetError:
         # A failed operator: its error stays on the arrays it was to write
