@@ -91,8 +91,7 @@ def _load_unlocked():
         raise CompiledUnavailable("%s cannot be opened: %s" % (path, err)) from None
     expected = _expected_library_version()
     if expected is not None and built != expected:
-        # MXNet checks this too, but only after registering part of the
-        # library: refuse before it gets there.
+        # mx.library.load refuses it too, with a message that names no fix.
         raise CompiledUnavailable(
             "%s was built for MX_LIBRARY_VERSION %d but mxnet %s expects %d: "
             "reinstall mx_instnorm against this mxnet" % (path, built, version, expected))
