@@ -11,8 +11,8 @@ to a CustomOp's state is dropped *after* the op has reported completion,
 * by the CustomOp worker thread, when it destroys its copy of the queued
   work (``CustomOperator::ThreadTarget``), or
 * by an engine thread, when it deletes the finished temporary operator
-  (``ThreadedEngine::OnComplete`` deletes it after ``WaitForAll`` and
-  ``WaitToRead`` were released),
+  (``ThreadedEngine::OnComplete`` deletes it after it has woken the
+  threads waiting to read the operator's outputs),
 
 and dropping it calls the op's Python delete callback, which waits for the
 GIL. So "read a result, then fork" hangs whenever that tail has not run yet;
@@ -26,21 +26,25 @@ the GIL released around every wait:
    has run.
 2. A barrier: one call of a no-op CustomOp, waited for. It goes through the
    engine's CPU worker and the CustomOp worker queue, each first-in
-   first-out, so it ends after every tail those threads had left. It is
-   recorded by autograd and its output kept until the next fork, so its own
-   state is released on the forking thread, never as a tail. (A bound
-   executor would keep its state too, but binding one logs "Subgraph
-   backend MKLDNN is activated" on stderr.)
+   first-out, so it ends after every tail those threads had left. But MXNet
+   gives a queued CustomOp call a new worker thread when none is free, and
+   a worker counts itself free just before its tail: if a thread appeared
+   while the barrier ran, the worker with the tail was busy, so after 1 ms
+   (GIL released) the barrier runs again (up to 20 times). The barrier is
+   recorded by autograd and its output kept until the next fork (or exit),
+   so its own state is released on the forking thread, never as a tail.
+   (A bound executor would keep its state too, but binding one logs
+   "Subgraph backend MKLDNN is activated" on stderr.)
+3. ``MXNDArrayWaitAll`` again.
 
 After that no MXNet thread needs the GIL, and MXNet's handlers stop and
-restart its threads as usual. What remains uncovered: MXNet runs several
-CustomOp workers only when several CustomOp calls are queued at once (and
-several engine CPU workers only with ``MXNET_CPU_WORKER_NTHREADS`` > 1); the
-barrier passes one of them, and the tails left on the others get the GIL
-during the waits of step 1 and 2 unless they have not yet reached it by the
-end. Interpreters that fork without running Python's at-fork handlers (the
-``subprocess`` module's plain ``fork()`` on Python < 3.10 without
-``preexec_fn``) are not covered.
+restart its threads as usual. What remains uncovered: with two or more
+CustomOp workers (MXNet starts more only when several CustomOp calls are
+queued at once), a barrier that finds one of them free passes that one
+only; a tail left on another gets the GIL during the waits unless it has
+not reached it by their end. Forks that skip Python's at-fork handlers
+(``subprocess`` without ``preexec_fn`` on Python < 3.10, which calls plain
+``fork()``) are not covered.
 """
 import atexit
 import ctypes
