@@ -278,3 +278,48 @@ def test_fork_after_use(scenario, mx_backend, tmp_path):
         "%s (backend %s) exited with %d:\n%s" % (scenario, mx_backend, rc, out[-3000:]))
     if scenario == "fork_after_read":
         assert "forks 30" in out
+
+
+# ------------------------------------------- the kernel's threads, in-process --
+
+def _kernel_case():
+    import numpy as np
+    from mx_instnorm.kernel import instance_norm as kern
+    rng = np.random.RandomState(3)
+    x = rng.standard_normal((4, 16, 64, 64)).astype(np.float32)  # 1 MiB: threaded
+    gamma = rng.uniform(0.5, 1.5, 16).astype(np.float32)
+    beta = rng.uniform(-1, 1, 16).astype(np.float32)
+    xd = x.astype(np.float64)
+    mean = xd.mean(axis=(2, 3), keepdims=True)
+    ref = ((xd - mean) / np.sqrt(xd.var(axis=(2, 3), keepdims=True) + 1e-3)
+           * gamma.reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1))
+    return kern, x, gamma, beta, ref
+
+
+def test_kernel_runs_chunks_itself_once_its_pool_refuses_work():
+    # At interpreter exit concurrent.futures refuses new work before the
+    # exit-time wait runs MXNet's queued callbacks; a pool shut down refuses
+    # it the same way.
+    import numpy as np
+    kern, x, gamma, beta, ref = _kernel_case()
+    kern.instance_norm_forward(x, gamma, beta, num_threads=2)
+    kern._pool(1).shutdown()
+    try:
+        y, _, _ = kern.instance_norm_forward(x, gamma, beta, num_threads=2)
+    finally:
+        kern._pools.clear()
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_forgets_its_pools_after_fork():
+    import numpy as np
+    kern, x, gamma, beta, ref = _kernel_case()
+    kern.instance_norm_forward(x, gamma, beta, num_threads=2)
+    old = kern._pool(1)
+    kern._scratch(0, (8,), np.float32)
+    kern._reset_after_fork()  # what a forked child runs
+    assert not kern._thread_bufs
+    assert kern._pool(1) is not old
+    y, _, _ = kern.instance_norm_forward(x, gamma, beta, num_threads=2)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+    old.shutdown()
