@@ -19,7 +19,14 @@ C++ kernels, no MXNet) -> :mod:`mx_instnorm.operator` (MXNet glue) ->
 """
 import os as _os
 
-from ._version import __version__
+# MXNet 1.9.1 needs NumPy names that newer NumPy removed: the installed .pth
+# adds them when mxnet is imported first; this covers installs without it
+# (pip install --target, the source tree on PYTHONPATH).
+import mx_instnorm_numpy_compat as _numpy_compat
+
+_numpy_compat.install()
+
+from ._version import __version__  # noqa: E402
 from .operator import OP_TYPE, register as _register
 from .operator import onnx_export as _onnx_export
 from .operator.backend import backend, backend_reason
