@@ -281,12 +281,8 @@ def _offset(report, mx, mx_instnorm):
 
 
 def _backend_line(mx_instnorm):
-    """Which backend computes, and why (versions without a compiled backend
-    have no ``mx_instnorm.backend``)."""
-    backend = getattr(mx_instnorm, "backend", None)
-    if backend is None:
-        return "python (compiled backend not available in this version)"
-    return "%s (%s)" % (backend(), mx_instnorm.backend_reason())
+    """Which backend computes, and why."""
+    return "%s (%s)" % (mx_instnorm.backend(), mx_instnorm.backend_reason())
 
 
 def main(argv=None):
@@ -311,8 +307,9 @@ def main(argv=None):
                % (mx_instnorm.__version__, mx.__version__, np.__version__,
                   platform.python_version()))
     report.say("backend: %s" % _backend_line(mx_instnorm))
-    report.say("MX_INSTNORM_PATH=%s MX_INSTNORM_NUM_THREADS=%s"
-               % (os.environ.get("MX_INSTNORM_PATH", "(unset: auto)"),
+    report.say("MX_INSTNORM_BACKEND=%s MX_INSTNORM_PATH=%s MX_INSTNORM_NUM_THREADS=%s"
+               % (os.environ.get("MX_INSTNORM_BACKEND", "(unset: auto)"),
+                  os.environ.get("MX_INSTNORM_PATH", "(unset: auto)"),
                   os.environ.get("MX_INSTNORM_NUM_THREADS", "(unset: all CPUs)")))
     report.say()
     _documented(report, mx, mx_instnorm)
