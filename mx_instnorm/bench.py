@@ -710,7 +710,7 @@ def main(argv=None):
             parser.error("--plot needs matplotlib: pip install 'mx_instnorm[bench]'")
 
     import mxnet as mx
-    import mx_instnorm  # noqa: F401 - registers the op
+    import mx_instnorm
     has_numba = _has_numba()
     providers = ["ours (%s backend)" % mx_instnorm.backend(), "builtin"] \
         + (["ours-python"] if mx_instnorm.backend() == "compiled" else []) \

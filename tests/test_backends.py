@@ -17,7 +17,7 @@ import pytest
 
 import mx_instnorm
 from mx_instnorm.gluon import InstanceNorm
-from conftest import random_inputs, ref_backward, ref_forward
+from conftest import random_inputs, ref_forward
 
 COMPILED_AVAILABLE = mx_instnorm.operator.backend.compiled_op() is not None
 needs_compiled = pytest.mark.skipif(not COMPILED_AVAILABLE, reason="compiled backend "

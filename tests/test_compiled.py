@@ -5,11 +5,8 @@ conftest, MXNet's built-in InstanceNorm and finite differences.
 The whole module skips, with the loader's reason, where the library is not
 built or cannot be loaded.
 """
-import os
 import re
-import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ import mxnet as mx
 from mxnet.test_utils import check_numeric_gradient
 
 from conftest import (BUILTIN_SHAPES, BUILTIN_TOL, LARGE_SHAPES_AXES, SHAPES_AXES,
-                      assert_close, random_inputs, ref_backward, ref_forward, tol)
+                      assert_close, random_inputs, ref_backward, ref_forward)
 from mx_instnorm.operator import compiled
 
 try:
@@ -286,33 +283,9 @@ def test_concurrent_python_threads(rng):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_forked_child_can_use_the_operator(rng, monkeypatch):
-    # Worker threads are created per call (no pool, no OpenMP): a child
-    # forked after threaded calls must not hang on its first call.
-    monkeypatch.setenv("MX_INSTNORM_NUM_THREADS", "2")
-    x, gamma, beta = random_inputs(rng, (4, 16, 96, 96), 1, np.float32)
-    args = [mx.nd.array(a) for a in (x, gamma, beta)]
-    want = nd_op(*args).asnumpy()
-    pid = os.fork()
-    if pid == 0:  # child: exit status 0 only if the result is right
-        code = 1
-        try:
-            got = nd_op(*args).asnumpy()
-            code = 0 if np.array_equal(got, want) else 2
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 60
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the forked child hung")
-        time.sleep(0.05)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+# A child forked after threaded calls: tests/test_fork.py (in subprocesses,
+# under a timeout, on both backends); forking the test process itself could
+# hang the whole suite.
 
 
 def test_out_array(rng):
