@@ -202,24 +202,14 @@ setup(
         "setuptools; python_version>='3.12'",
     ],
     extras_require={
-        # The test suite also exercises the optional Numba loops and the ONNX
-        # export (onnxruntime 1.31.1, the release verified here, ships
-        # wheels for Python >= 3.11 only; on Python 3.10 those tests skip).
+        # The test suite also exercises the ONNX export (onnxruntime 1.31.1,
+        # the release verified here, ships wheels for Python >= 3.11 only; on
+        # Python 3.10 those tests skip).
         "test": [
             "pytest>=7",
-            "numba>=0.56,<0.61; python_version<'3.12'",
-            "numba>=0.59,<0.61; python_version=='3.12'",
             "onnx==1.14.1; python_version=='3.11'",
             "onnx==1.18.0; python_version=='3.12'",
             "onnxruntime==1.31.1; python_version=='3.11' or python_version=='3.12'",
-        ],
-        # Optional fused loops for the CPU kernel (MX_INSTNORM_KERNEL); the
-        # NumPy path is the default fallback. numba < 0.61 accepts numpy 1.23;
-        # 0.59 is the first with Python 3.12 wheels, 0.61 with 3.13.
-        "numba": [
-            "numba>=0.56,<0.61; python_version<'3.12'",
-            "numba>=0.59,<0.61; python_version=='3.12'",
-            "numba>=0.61; python_version>='3.13'",
         ],
         # `python -m mx_instnorm.bench --plot FILE`
         "bench": ["matplotlib"],

@@ -42,9 +42,7 @@ Flags
 
 ``ours`` is the backend ``mx_instnorm.backend()`` picks (the compiled
 operator where it is built); when that is the compiled one, ``ours-python``
-times the Python CustomOp beside it. When Numba is installed the Python
-backend's kernel runs its fused loops, and ``ours-python-numpy`` times it
-with ``MX_INSTNORM_KERNEL=numpy``.
+times the Python CustomOp beside it.
 """
 import argparse
 import math
@@ -339,21 +337,6 @@ def _time_interleaved(fns, repeat, warmup):
     return {name: float(np.median(s)) for name, s in samples.items()}
 
 
-def _with_kernel(kernel, fn):
-    """``fn`` run with MX_INSTNORM_KERNEL set to ``kernel`` for the call."""
-    def run():
-        old = os.environ.get("MX_INSTNORM_KERNEL")
-        os.environ["MX_INSTNORM_KERNEL"] = kernel
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["MX_INSTNORM_KERNEL"]
-            else:
-                os.environ["MX_INSTNORM_KERNEL"] = old
-    return run
-
-
 def _with_backend(name, fn):
     """``fn`` run with MX_INSTNORM_BACKEND set to ``name`` for the call."""
     def run():
@@ -367,14 +350,6 @@ def _with_backend(name, fn):
             else:
                 os.environ["MX_INSTNORM_BACKEND"] = old
     return run
-
-
-def _has_numba():
-    try:
-        from mx_instnorm.kernel import instance_norm as k
-        return k._fused() is not None
-    except ImportError:
-        return False
 
 
 class _Mismatch(Exception):
@@ -391,7 +366,7 @@ def _check(name, what, ours, ref):
                         "(limit %g)" % (name, what, worst, RTOL))
 
 
-def _bench_case(name, shape, axis, args, has_numba):
+def _bench_case(name, shape, axis, args):
     """Rows ``(case, mode, provider, seconds, bytes)`` for one case."""
     inp = _Inputs(shape, axis)
     rows = []
@@ -409,11 +384,6 @@ def _bench_case(name, shape, axis, args, has_numba):
         fb["ours-python"] = _with_backend("python", ours_fb)
         _check(name, "python forward y", fwd["ours-python"](), bi_f())
         _check(name, "python backward dx", fb["ours-python"](), bi_fb())
-    if has_numba:
-        python = (lambda fn: _with_backend("python", fn)) if compiled else (lambda fn: fn)
-        fwd["ours-python-numpy"] = python(_with_kernel("numpy", ours_f))
-        fb["ours-python-numpy"] = python(_with_kernel("numpy", ours_fb))
-        _check(name, "numpy forward y", fwd["ours-python-numpy"](), bi_f())
     if _is_tiny(name):
         emp_f, emp_fb = _empty_nd(inp)
         fwd["empty-customop"] = emp_f
@@ -608,8 +578,6 @@ def _memory_child(provider, case, cases):
         arr.attach_grad()
     if provider.startswith("ours-python"):
         os.environ["MX_INSTNORM_BACKEND"] = "python"
-    if provider.endswith("-numpy"):
-        os.environ["MX_INSTNORM_KERNEL"] = "numpy"
     if provider.startswith("ours"):
         from mx_instnorm.nd import InstanceNorm
 
@@ -622,10 +590,9 @@ def _memory_child(provider, case, cases):
         def fn(x, g, b):
             return mx.nd.InstanceNorm(x.swapaxes(1, axis), g, b,
                                       eps=EPS).swapaxes(1, axis)
-    # One full-size call first, freed before measuring: it compiles the
-    # Numba loops for these exact array layouts and loads whatever a first
-    # call loads (a smaller warm-up would take the kernel's small-input
-    # path and leave the compilation inside the measurement).
+    # One full-size call first, freed before measuring: it loads whatever a
+    # first call loads (a smaller warm-up would take a small-input path and
+    # leave the rest inside the measurement).
     with mx.autograd.record():
         ys = fn(x, g, b)
     ys.backward(dy)
@@ -642,9 +609,8 @@ def _memory_child(provider, case, cases):
     print("MEMORY_KIB %d" % (peak - base))
 
 
-def _memory(case, args, has_numba):
-    provs = ["ours", "builtin"] + (["ours-python"] if _backend() == "compiled" else []) \
-        + (["ours-python-numpy"] if has_numba else [])
+def _memory(case, args):
+    provs = ["ours", "builtin"] + (["ours-python"] if _backend() == "compiled" else [])
     out = []
     for prov in provs:
         cmd = [sys.executable, "-m", "mx_instnorm.bench", "--_memory-child",
@@ -711,10 +677,8 @@ def main(argv=None):
 
     import mxnet as mx
     import mx_instnorm
-    has_numba = _has_numba()
     providers = ["ours (%s backend)" % mx_instnorm.backend(), "builtin"] \
-        + (["ours-python"] if mx_instnorm.backend() == "compiled" else []) \
-        + (["ours-python-numpy"] if has_numba else [])
+        + (["ours-python"] if mx_instnorm.backend() == "compiled" else [])
     try:
         import torch
         providers.append("torch %s" % torch.__version__)
@@ -739,7 +703,7 @@ def main(argv=None):
     for name in names:
         shape, axis = cases[name]
         try:
-            rows.extend(_bench_case(name, shape, axis, args, has_numba))
+            rows.extend(_bench_case(name, shape, axis, args))
         except _Mismatch as err:
             print("ABORT: %s" % err, file=sys.stderr)
             return 2
@@ -752,7 +716,7 @@ def main(argv=None):
         case = args.memory_case or next(n for n in names if not _is_tiny(n))
         if case not in cases:
             parser.error("unknown --memory-case %r" % case)
-        res = _memory(case, args, has_numba)
+        res = _memory(case, args)
         print()
         print("peak RSS growth of one forward+backward, %s (fresh process each): %s"
               % (case, ", ".join("%s %.1f MiB" % (p, k / 1024) for p, k in res)))

@@ -5,7 +5,6 @@ and never call mx_instnorm: every test compares the code under test with
 one of them, with MXNet's built-in InstanceNorm (float32, axis=1), with
 finite differences, or with the documented examples.
 """
-import importlib.util
 import warnings
 
 import numpy as np
@@ -165,7 +164,7 @@ def _seed_mxnet():
 # Python backend once per computation path as well. The pure-NumPy kernel
 # tests, and the modules below that pick backends themselves, run once.
 BACKENDS = ("compiled", "python")
-PATHS = ("fast", "fast-numpy", "generic")
+PATHS = ("fast", "generic")
 _SINGLE_BACKEND_MODULES = {"test_kernel", "test_compiled", "test_compat", "test_backends"}
 
 
@@ -201,30 +200,14 @@ def mx_backend(request, monkeypatch):
 @pytest.fixture
 def path(request, monkeypatch, mx_backend):
     """Runs the test under each computation path of the Python backend:
-    ``fast`` (the kernel on views of MXNet's memory, with the kernel's
-    default implementation: the Numba loops when Numba imports),
-    ``fast-numpy`` (the same with the NumPy implementation forced) and
-    ``generic`` (mx.nd operators). The path is chosen per
-    ``create_operator`` call and the implementation per kernel call, so
-    setting the variables here is enough. On the compiled backend the
-    parameter is ``fast`` and the variables are left alone."""
-    monkeypatch.delenv("MX_INSTNORM_KERNEL", raising=False)
+    ``fast`` (the NumPy kernel on views of MXNet's memory) and ``generic``
+    (mx.nd operators). The path is chosen per ``create_operator`` call, so
+    setting the variable here is enough. On the compiled backend the
+    parameter is ``fast`` and the variable is left alone."""
     if request.param == "generic":
         monkeypatch.setenv("MX_INSTNORM_PATH", "generic")
     else:
         monkeypatch.delenv("MX_INSTNORM_PATH", raising=False)
-    if request.param == "fast-numpy":
-        monkeypatch.setenv("MX_INSTNORM_KERNEL", "numpy")
     expected = "generic" if request.param == "generic" else "fast"
     assert mx_instnorm.operator.selected_path("cpu") == expected
-    return request.param
-
-
-@pytest.fixture(params=["numpy", "numba"])
-def kernel_impl(request, monkeypatch):
-    """Runs a kernel test under each implementation of the block maths
-    (float16 always takes the NumPy one)."""
-    if request.param == "numba" and importlib.util.find_spec("numba") is None:
-        pytest.skip("numba is not installed")
-    monkeypatch.setenv("MX_INSTNORM_KERNEL", request.param)
     return request.param

@@ -181,7 +181,6 @@ def test_empty_batch_legacy_shape_rules(path, record):
     assert y.asnumpy().shape == (0, 3, 4)
 
 
-@pytest.mark.usefixtures("kernel_impl")
 @pytest.mark.parametrize("axis", [1, -1])
 def test_empty_batch_kernel(axis):
     x = np.zeros((0, 4, 3), np.float32)
@@ -247,7 +246,6 @@ def _strided_x(rng, dtype):
     return x
 
 
-@pytest.mark.usefixtures("kernel_impl")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("x_strided,out_kind", [(True, None), (True, "contiguous"),
                                                 (False, "strided"), (True, "strided")])
@@ -265,7 +263,6 @@ def test_kernel_forward_non_contiguous(rng, dtype, x_strided, out_kind):
     assert_close(y, ref_forward(x, gamma, beta, 1e-3)[0], dtype)
 
 
-@pytest.mark.usefixtures("kernel_impl")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("x_strided,dx_kind", [(True, None), (False, "strided"),
                                                (True, "strided")])
@@ -316,7 +313,7 @@ EXTREME_SHAPES = [((2, 3, 50), 1),        # small path
 @pytest.mark.parametrize("dtype,scale", EXTREME, ids=["f32-1e30", "f32-1e37", "f64-1e300"])
 @pytest.mark.parametrize("shape,axis", EXTREME_SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("req", ["write", "add"])
-def test_kernel_extreme_magnitudes(rng, kernel_impl, dtype, scale, shape, axis, req):
+def test_kernel_extreme_magnitudes(rng, dtype, scale, shape, axis, req):
     x = (rng.standard_normal(shape) + 0.5) * scale
     # One instance of ordinary size beside the huge ones: it must not change.
     x[0, ..., 0] = rng.standard_normal(x[0, ..., 0].shape)
@@ -342,7 +339,7 @@ def test_kernel_extreme_magnitudes(rng, kernel_impl, dtype, scale, shape, axis, 
 @pytest.mark.parametrize("dtype,scale", [(np.float32, 1e30), (np.float64, 1e300)],
                          ids=["f32-1e30", "f64-1e300"])
 @pytest.mark.parametrize("shape,axis", EXTREME_SHAPES, ids=lambda v: str(v))
-def test_kernel_extreme_magnitudes_backward(rng, kernel_impl, dtype, scale, shape, axis):
+def test_kernel_extreme_magnitudes_backward(rng, dtype, scale, shape, axis):
     """dx scales as 1/s: compared with the float64 reference on x / s for
     each instance's own s = max|x| (eps / s^2 vanishes next to var(x / s))."""
     x = ((rng.standard_normal(shape) + 0.5) * scale).astype(dtype)
@@ -377,7 +374,7 @@ def test_operator_extreme_magnitudes(rng, path, dtype, scale, shape, axis):
     assert_close(got, _scaled_reference(x, gamma, beta, 1e-3, axis)[0], dtype)
 
 
-def test_nan_and_inf_stay_in_their_instance(rng, kernel_impl):
+def test_nan_and_inf_stay_in_their_instance(rng):
     """A NaN or an inf makes its own instance NaN and leaves the others alone
     (the overflow recompute must not spread it)."""
     x = rng.standard_normal((2, 3, 9000)).astype(np.float32)

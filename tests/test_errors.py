@@ -529,9 +529,3 @@ def test_bad_thread_variable(monkeypatch, value):
     with pytest.raises(ValueError, match="MX_INSTNORM_NUM_THREADS must be a positive integer, "
                                          "got '%s'" % value):
         default_num_threads()
-
-
-def test_bad_kernel_variable(monkeypatch, rng):
-    monkeypatch.setenv("MX_INSTNORM_KERNEL", "bogus")
-    with pytest.raises(ValueError, match="MX_INSTNORM_KERNEL must be one of .*got 'bogus'"):
-        instance_norm_forward(rng.standard_normal((2, 3, 4)), np.ones(3), np.zeros(3))

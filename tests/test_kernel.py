@@ -9,8 +9,6 @@ from mx_instnorm.kernel import instance_norm_backward, instance_norm_forward, in
 
 from conftest import DTYPES, LARGE_SHAPES_AXES, SHAPES_AXES, assert_close, random_inputs, ref_backward, ref_forward
 
-# Every kernel test runs with the NumPy and the Numba block maths.
-pytestmark = pytest.mark.usefixtures("kernel_impl")
 
 
 # ------------------------------------------------------------------ forward --

@@ -38,8 +38,8 @@ one-pass ``E[x^2] - E[x]^2`` on ``x`` loses every digit when the offset is
 large against the spread; on ``d`` it does not, as long as ``K`` is not far
 out in its instance. The variance is then, by implementation:
 
-* small inputs (at most ``_SMALL_ELEMS`` elements) and the Numba loops:
-  two-pass, ``var = mean((d - mu')^2)``;
+* small inputs (at most ``_SMALL_ELEMS`` elements): two-pass,
+  ``var = mean((d - mu')^2)``;
 * the NumPy blocks: ``var = mean(d * d) - mu'^2`` (BLAS sums, one pass
   fewer), recomputed two-pass for the instances whose ``K`` lies more than
   4 standard deviations from their mean, where that difference would
@@ -55,7 +55,8 @@ An instance whose sum of squares overflows (float32 values beyond about
 finite variance gives that) and writes ``y = 0`` (adds 0) there; the driver
 then recomputes only the marked instances with the data scaled by
 ``2**-e``, ``2**(e-1) <= max|x| < 2**e`` (exact), and
-``rstd = 2**-e / sqrt(var_s + eps 4**-e)``. Normal data pays one
+``rstd = 2**-e / sqrt(var_s + eps 4**-e)``. (The C++ kernel rescales by the
+instance's largest deviation, in double.) Normal data pays one
 ``rstd.all()`` per call. NaN or inf in an instance gives NaN there only.
 
 Backward
@@ -84,11 +85,14 @@ The code keeps ``d = x - mu`` rather than ``x_hat = r d``; with
 
 Two implementations
 -------------------
-The block maths below is NumPy. When Numba imports (the optional ``numba``
-extra), float32 and float64 blocks run instead through the fused loops of
-:mod:`mx_instnorm.kernel._numba` (same formulas, each block read from memory
-once); float16 always takes the NumPy path. ``MX_INSTNORM_KERNEL=numpy``
-forces NumPy, ``numba`` requires Numba, ``auto`` (default) picks.
+This module is the NumPy implementation: the Python backend's kernel and
+the tests' oracle. The compiled backend's kernel,
+``mx_instnorm/kernel/instance_norm.cc``, computes the same formulas with
+the same symbol names (``K``, ``d``, ``mu``, ``rstd``, ``k``, ``c1``,
+``c2``); there each instance's statistics are reduced in cache-sized
+chunks, two-pass within a chunk, merged with Chan's formula in double, and
+backward recomputes them in its fused pass over ``(dy, x)`` instead of
+receiving them.
 
 Determinism
 -----------
@@ -139,38 +143,6 @@ DEFAULT_BLOCK_BYTES = 256 * 1024
 _PARALLEL_MIN_BYTES = 512 * 1024
 
 _REQS = ("write", "add", "null")
-
-_KERNELS = ("auto", "numpy", "numba")
-_numba_module = None
-_numba_failed = False
-
-
-def _fused():
-    """The optional Numba loops (:mod:`._numba`), or None for the NumPy path.
-
-    ``MX_INSTNORM_KERNEL=numpy`` forces NumPy; ``auto`` (the default) uses
-    Numba when it imports; ``numba`` requires it.
-    """
-    global _numba_module, _numba_failed
-    choice = os.environ.get("MX_INSTNORM_KERNEL", "auto").strip().lower() or "auto"
-    if choice not in _KERNELS:
-        raise ValueError("MX_INSTNORM_KERNEL must be one of %s, got %r"
-                         % (", ".join(_KERNELS), choice))
-    if choice == "numpy":
-        return None
-    if _numba_module is None and not _numba_failed:
-        try:
-            from . import _numba as module
-        except ImportError:
-            _numba_failed = True
-            if choice == "numba":
-                raise
-        else:
-            _numba_module = module
-    if choice == "numba" and _numba_module is None:
-        raise ImportError("MX_INSTNORM_KERNEL=numba but numba does not import")
-    return _numba_module
-
 
 def accumulation_dtype(dtype):
     """The dtype statistics and sums are accumulated in: float32 for
@@ -402,6 +374,19 @@ def _column_totals(a):
     return total
 
 
+def _overflow_expected(fn):
+    """Runs ``fn`` with NumPy's overflow/invalid warnings off: an instance
+    whose sum of squares overflows is detected from the result and
+    recomputed scaled (see the module docstring), so the warning would only
+    alarm about a case that is handled. (np.errstate is per thread, hence
+    per block function.)"""
+    def run(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore"):
+            return fn(*args, **kwargs)
+    run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+    return run
+
+
 def _isum(a, red):
     """Per-instance sums of a block."""
     if red == 1:
@@ -422,6 +407,7 @@ def _keep(vec, red):
     return vec[:, None] if red == 1 else vec[None, :]
 
 
+@_overflow_expected
 def _block_stats(xb, red, eps, acc):
     """Per-instance statistics of the block ``xb``.
 
@@ -480,6 +466,7 @@ def _put(dst, src, req):
         np.copyto(dst, src, casting="unsafe")
 
 
+@_overflow_expected
 def _forward_block(xb, yb, red, gam, bet, eps, acc, y_req):
     d, mu, mean, rstd = _block_stats(xb, red, eps, acc)
     if yb is not None:
@@ -498,6 +485,7 @@ def _forward_block(xb, yb, red, gam, bet, eps, acc, y_req):
     return mean, rstd
 
 
+@_overflow_expected
 def _backward_block(xb, gb, dxb, red, gam, mean, rstd, acc, dx_req):
     """Returns per-instance ``(sum g, sum g x_hat)`` and writes dx."""
     m = xb.shape[red]
@@ -589,6 +577,7 @@ _SMALL_ELEMS = 8192
 _RED = (1, 3)
 
 
+@_overflow_expected
 def _small_forward(x4, gam, bet, eps, acc, want_y):
     """``(y, mean, rstd)``; ``y`` in ``acc`` (or None), for the caller to put."""
     m = x4.shape[1] * x4.shape[3]
@@ -612,6 +601,7 @@ def _small_forward(x4, gam, bet, eps, acc, want_y):
     return y, (shift + mu).reshape(-1), rstd.reshape(-1)
 
 
+@_overflow_expected
 def _small_backward(x4, g4, gam, mean, rstd, acc, want_dx):
     """``(dx, sum g, sum g x_hat)``; ``dx`` in ``acc`` (or None)."""
     n, _, c, _ = x4.shape
@@ -829,7 +819,6 @@ def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
         rstd.fill(np.nan)
         return out, mean.reshape(n, c), rstd.reshape(n, c)
 
-    fused = _fused() if x.dtype == acc else None
     if x.size <= _SMALL_ELEMS:
         y, small_mean, small_rstd = _small_forward(x.reshape(n, a, c, b), gamma, beta, eps,
                                                    acc, out is not None)
@@ -856,22 +845,12 @@ def instance_norm_forward(x, gamma, beta, eps=1e-3, axis=1, out=None,
     yv = plan.view(y_target)
 
     gam, bet = plan.per_instance(gamma), plan.per_instance(beta)
-    if fused is not None:
-        loop = fused.forward_rows if plan.red == 1 else fused.forward_slab
-        write_y, add = yv is not None, req == "add"
 
-        def work(task):
-            idx = plan.stat_index(task)
-            xb = plan.block(xv, task)
-            loop(xb, xb if yv is None else plan.block(yv, task),
-                 plan.params(gam, task), plan.params(bet, task), eps,
-                 mean[idx], rstd[idx], write_y, add)
-    else:
-        def work(task):
-            idx = plan.stat_index(task)
-            mean[idx], rstd[idx] = _forward_block(
-                plan.block(xv, task), plan.block(yv, task), plan.red,
-                plan.params(gam, task), plan.params(bet, task), eps, acc, req)
+    def work(task):
+        idx = plan.stat_index(task)
+        mean[idx], rstd[idx] = _forward_block(
+            plan.block(xv, task), plan.block(yv, task), plan.red,
+            plan.params(gam, task), plan.params(bet, task), eps, acc, req)
 
     _run_parallel(work, plan.tasks, num_threads, x.nbytes, (y_target,))
     if not rstd.all():
@@ -966,7 +945,6 @@ def instance_norm_backward(dy, x, gamma, mean=None, rstd=None, eps=1e-3, axis=1,
 
     sum_g = np.zeros(n * c, acc)
     sum_gxhat = np.zeros(n * c, acc)
-    fused = _fused() if x.dtype == acc else None
     if x.size and n * c and x.size <= _SMALL_ELEMS:
         small_dx, sum_g[:], sum_gxhat[:] = _small_backward(
             x.reshape(n, a, c, b), dy.reshape(n, a, c, b), gam, mean, rstd, acc,
@@ -996,24 +974,13 @@ def instance_norm_backward(dy, x, gamma, mean=None, rstd=None, eps=1e-3, axis=1,
         dxv = plan.view(dx_target)
 
         gam_i = plan.per_instance(gam)
-        if fused is not None:
-            loop = fused.backward_rows if plan.red == 1 else fused.backward_slab
-            write_dx, add = dxv is not None, dx_req == "add"
 
-            def work(task):
-                idx = plan.stat_index(task)
-                xb = plan.block(xv, task)
-                loop(xb, plan.block(gv, task),
-                     xb if dxv is None else plan.block(dxv, task),
-                     plan.params(gam_i, task), mean[idx], rstd[idx],
-                     sum_g[idx], sum_gxhat[idx], write_dx, add)
-        else:
-            def work(task):
-                idx = plan.stat_index(task)
-                sum_g[idx], sum_gxhat[idx] = _backward_block(
-                    plan.block(xv, task), plan.block(gv, task), plan.block(dxv, task),
-                    plan.red, plan.params(gam_i, task), mean[idx], rstd[idx], acc,
-                    dx_req)
+        def work(task):
+            idx = plan.stat_index(task)
+            sum_g[idx], sum_gxhat[idx] = _backward_block(
+                plan.block(xv, task), plan.block(gv, task), plan.block(dxv, task),
+                plan.red, plan.params(gam_i, task), mean[idx], rstd[idx], acc,
+                dx_req)
 
         _run_parallel(work, plan.tasks, num_threads, x.nbytes, (dx_target,))
         if dx_target is not dx and dx is not None:
