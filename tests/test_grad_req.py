@@ -190,3 +190,50 @@ def test_exec_enable_addto(mx_backend, tmp_path):
                           env=env, cwd=str(tmp_path), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("imperative_first", [False, True])
+def test_gluon_add_inside_hybridized_parent(rng, imperative_first):
+    """Our block as the first layer of a hybridized parent: the parent's
+    input is the op's data. A call made before hybridizing (with data that
+    has no gradient buffer) must not leave the graph without its view."""
+    (x, g, b, dy), refs = _data(rng)
+    net = mx.gluon.nn.HybridSequential()
+    net.add(InstanceNorm(epsilon=EPS, scale=True, in_channels=SHAPE[1]))
+    net.initialize()
+    net[0].gamma.set_data(mx.nd.array(g))
+    net[0].beta.set_data(mx.nd.array(b))
+    if imperative_first:
+        net(mx.nd.array(x))
+    net.hybridize()
+    net.collect_params().setattr("grad_req", "add")
+    net.collect_params().zero_grad()
+    data = mx.nd.array(x)
+    data.attach_grad("add")
+    for _ in range(2):
+        with mx.autograd.record():
+            y = net(data)
+        y.backward(mx.nd.array(dy))
+    got = {"data": data.grad.asnumpy(), "gamma": net[0].gamma.grad().asnumpy(),
+           "beta": net[0].beta.grad().asnumpy()}
+    _check(got, dict.fromkeys(refs, "add"), refs)
+
+
+def test_gluon_data_without_gradient_then_with(rng):
+    """The top-level block rebuilds its graph when its data starts having a
+    gradient buffer (the view for the data is only there when needed)."""
+    (x, g, b, dy), refs = _data(rng)
+    block = InstanceNorm(epsilon=EPS, scale=True, in_channels=SHAPE[1])
+    block.initialize()
+    block.gamma.set_data(mx.nd.array(g))
+    block.beta.set_data(mx.nd.array(b))
+    block.hybridize()
+    with mx.autograd.record():
+        block(mx.nd.array(x)).backward(mx.nd.array(dy))
+    data = mx.nd.array(x)
+    data.attach_grad("add")
+    for _ in range(2):
+        with mx.autograd.record():
+            y = block(data)
+        y.backward(mx.nd.array(dy))
+    np.testing.assert_allclose(data.grad.asnumpy(), 2 * refs["data"], **TOL)

@@ -81,7 +81,7 @@ class InstanceNorm(HybridBlock):
         self._kwargs = {'eps': epsilon, 'axis': axis, 'center': center, 'scale': scale}
         self._axis = axis
         self._epsilon = epsilon
-        self._layout = None  # (rank, empty, backend) of the last data
+        self._layout = None  # (rank, empty, backend, has grad) of the last data
         self.gamma = self.params.get('gamma', grad_req='write' if scale else 'null',
                                      shape=(in_channels,), init=gamma_initializer,
                                      allow_deferred_init=True)
@@ -92,12 +92,18 @@ class InstanceNorm(HybridBlock):
     def forward(self, x, *args):
         # Checked here, before a graph is built, so that bad input gets a
         # clear message in hybridized mode too.
-        if isinstance(x, mx.nd.NDArray):
+        if not isinstance(x, mx.nd.NDArray):
+            # A hybridized parent builds its graph: nothing is known of the
+            # data (an earlier imperative call's layout would be stale).
+            self._layout = None
+        else:
             channels = _params.check_data_shape(x.shape, self._axis)
             # The graph depends on the backend, and on the Python backend the
             # layout guard depends on the rank and on emptiness (oneDNN's
             # in-place reshape fails on empty arrays in backward).
-            layout = (x.ndim, 0 in x.shape, backend.backend())
+            # And on the compiled backend on whether the data has a gradient
+            # buffer (see functions._compiled: grad_req='add' on the data).
+            layout = (x.ndim, 0 in x.shape, backend.backend(), x.grad is not None)
             if self._layout != layout:
                 self._layout = layout
                 self._clear_cached_op()
@@ -118,9 +124,10 @@ class InstanceNorm(HybridBlock):
 
     def hybrid_forward(self, F, x, gamma, beta):
         # The data's rank is unknown when a hybridized parent builds the graph.
-        rank, empty = (None, False) if self._layout is None else self._layout[:2]
+        rank, empty, _, leaf = (None, False, None, None) if self._layout is None \
+            else self._layout
         return instance_norm(F, x, gamma, beta, self._epsilon, self._axis, name='fwd',
-                             rank=rank, empty=empty)
+                             rank=rank, empty=empty, data_leaf=leaf)
 
     def __repr__(self):
         # "mx_instnorm." tells it from nn.InstanceNorm in print(net).

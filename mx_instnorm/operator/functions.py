@@ -9,6 +9,8 @@ Gluon block, :func:`mx_instnorm.patch_mxnet`) runs: the compiled operator
 fed through views that keep ``grad_req='add'`` correct, or the Python
 CustomOp with the layout guards of :mod:`._onednn` (see docs/onednn.md).
 """
+import os
+
 import mxnet as mx
 
 from . import _params, backend
@@ -42,20 +44,34 @@ def _named(name, suffix):
     return {} if name is None else {"name": name + suffix}
 
 
-def _compiled(F, data, gamma, beta, eps, axis, name, out):
+def _exec_addto():
+    """Whether MXNet may sum gradients in place (``MXNET_EXEC_ENABLE_ADDTO``):
+    then an op can be asked to add to any gradient entry."""
+    return os.environ.get("MXNET_EXEC_ENABLE_ADDTO", "").strip().lower() not in (
+        "", "0", "false")
+
+
+def _compiled(F, data, gamma, beta, eps, axis, name, out, data_leaf=None):
     """The fragment over the compiled operator.
 
     MXNet 1.9.1 does not pass ``req`` to a library operator, which therefore
-    always overwrites its gradient outputs: fed directly by a variable with
-    ``grad_req='add'`` (or by an entry whose gradients an executor sums in
-    place, ``MXNET_EXEC_ENABLE_ADDTO``), it would silently drop what was
-    there. So no such array is its direct input: in a graph every input goes
-    through an ``identity`` node of its own, whose gradient is written only
-    by our op and whose own backward honours ``req`` (in place, at no cost,
-    for 'write'); imperatively under autograd, the inputs that have a
-    gradient buffer (leaves marked with ``attach_grad``) go through a
-    recorded view. The op needs no layout guard: it runs synchronously as a
-    native operator, after MXNet's own reorders of oneDNN layouts.
+    always overwrites its gradient outputs: fed directly by an array whose
+    gradient is accumulated (a variable with ``grad_req='add'``, or any
+    entry whose gradients an executor sums in place under
+    ``MXNET_EXEC_ENABLE_ADDTO``), it would silently drop what was there. So
+    such an input goes through a same-shape ``identity`` node of its own,
+    whose gradient only our op writes and whose own backward honours
+    ``req``: in a graph ``gamma`` and ``beta`` always (C elements: free),
+    the data when it is a graph input (a variable, unless ``data_leaf`` is
+    False: the Gluon block knows its NDArray input has no gradient buffer)
+    or in-place summing is enabled; the data inside a network (a
+    convolution's output) needs none, and a view there would cost a copy
+    each way in a default hybridized graph. Imperatively under autograd,
+    the inputs that have a gradient buffer (leaves marked with
+    ``attach_grad``) go through a recorded view. The op needs no layout
+    guard: it runs synchronously as a native operator, after MXNet's own
+    reorders of oneDNN layouts. It has one output, named ``<name>_output``
+    as the built-in's.
     """
     op = _compiled_function(F, backend.compiled_op())
     kwargs = {"eps": repr(float(eps)), "axis": str(int(axis))}
@@ -68,13 +84,12 @@ def _compiled(F, data, gamma, beta, eps, axis, name, out):
         return op(data, gamma, beta, **kwargs)
     for param in (gamma, beta):
         _declare_rank_one(param)
-    data, gamma, beta = (_view(F, a, name, "_" + role)
-                         for a, role in ((data, "data"), (gamma, "gamma"), (beta, "beta")))
+    if _exec_addto() or (data.get_children() is None and data_leaf is not False):
+        data = _view(F, data, name, "_data")
+    gamma, beta = _view(F, gamma, name, "_gamma"), _view(F, beta, name, "_beta")
     if name is not None:
-        kwargs["name"] = name + "_op"
-    # A library operator's output is named <name>_output0; an in-place
-    # identity named ``name`` gives the built-in's name, ``<name>_output``.
-    return F.identity(op(data, gamma, beta, **kwargs), **_named(name, ""))
+        kwargs["name"] = name
+    return op(data, gamma, beta, **kwargs)
 
 
 def _declare_rank_one(param):
@@ -115,16 +130,17 @@ def _custom(F, data, gamma, beta, eps, axis, name, out, rank, empty):
 
 
 def instance_norm(F, data, gamma, beta, eps, axis, name=None, out=None,
-                  rank=None, empty=False):
+                  rank=None, empty=False, data_leaf=None):
     """The graph fragment, for ``F`` = ``mx.nd`` or ``mx.sym`` (no checks).
 
     The backend is :func:`mx_instnorm.backend` for CPU NDArrays and for
     graphs; NDArrays on other contexts take the Python CustomOp. ``rank``
     and ``empty`` describe the data where known (they pick the Python
-    backend's input guard in a graph).
+    backend's input guard in a graph); ``data_leaf`` whether the NDArray a
+    graph input stands for has a gradient buffer (None: unknown).
     """
     if (F is not mx.nd or data.context.device_type == "cpu") and backend.use_compiled():
-        return _compiled(F, data, gamma, beta, eps, axis, name, out)
+        return _compiled(F, data, gamma, beta, eps, axis, name, out, data_leaf)
     return _custom(F, data, gamma, beta, eps, axis, name, out, rank, empty)
 
 

@@ -10,8 +10,7 @@ which works where the other kind's operator is not registered.
 
 Each rewrite puts in what the target backend needs around its node (see
 :mod:`.functions`): a compiled node gets an ``identity`` before each input,
-so that ``grad_req='add'`` stays correct, and one after its output, as
-:func:`mx_instnorm.sym.InstanceNorm` builds it; a Custom node gets the copying
+so that ``grad_req='add'`` stays correct; a Custom node gets the copying
 layout guards of :mod:`._onednn` (the data's rank is not known from the
 JSON). The replacement's last node keeps the original node's name, so
 output, argument and auxiliary names are unchanged.
@@ -65,17 +64,18 @@ def _as_custom(node, name):
 
 
 def _as_compiled(node, name):
+    # Every input through a view: whether the data is a graph input or an
+    # executor sums gradients in place is not known from the JSON.
     views = [{"op": "_copy", "name": "%s_%s" % (name, role), "inputs": [("in", k)]}
              for k, role in enumerate(("data", "gamma", "beta"))]
-    return views + [{"op": COMPILED_NAME, "name": name + "_op", "attrs": _attrs(node),
-                     "inputs": [("new", 0), ("new", 1), ("new", 2)]},
-                    {"op": "_copy", "name": name, "inputs": [("new", 3)]}]
+    return views + [{"op": COMPILED_NAME, "name": name, "attrs": _attrs(node),
+                     "inputs": [("new", 0), ("new", 1), ("new", 2)]}]
 
 
 # The nodes mx_instnorm puts around each kind of op (see .functions): the
 # ops of its input guards and of its output node.
 _FRAGMENT = {
-    "compiled": ({"_copy"}, "_copy"),
+    "compiled": ({"_copy"}, None),
     "custom": ({"_copy", "Reshape", "reshape", "squeeze", "expand_dims"}, "slice_axis"),
 }
 
