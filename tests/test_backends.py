@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import mxnet as mx
@@ -25,6 +26,9 @@ needs_compiled = pytest.mark.skipif(not COMPILED_AVAILABLE, reason="compiled bac
 
 
 def _run(code, env=None, cwd=None, args=()):
+    # Never the repository root: `python -c` puts the working directory
+    # first on sys.path, and the source tree there has no compiled library.
+    cwd = cwd or tempfile.gettempdir()
     full_env = dict(os.environ)
     full_env.pop("MX_INSTNORM_BACKEND", None)
     full_env.update(env or {})

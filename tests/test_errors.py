@@ -3,6 +3,7 @@ each error the process is still usable and nothing was written."""
 import re
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -242,7 +243,8 @@ def test_raw_custom_bad_keyword_raises_not_crashes(kw, value, message):
     MXNet's callback wrapper) and leave the process usable, not kill it.
     Run in a subprocess so that a crash fails this test only."""
     proc = subprocess.run([sys.executable, "-c", _RAW_BAD_KEYWORD.format(kw=kw, value=value)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+                          cwd=tempfile.gettempdir())
     assert proc.returncode == 0, "process died (rc %d): %s" % (
         proc.returncode, proc.stderr.decode(errors="replace")[-600:])
     out = proc.stdout.decode()
@@ -274,7 +276,8 @@ def test_raw_custom_unknown_keyword_does_not_kill_the_process():
     ctypes callback: a segmentation fault. Subprocess: a crash fails only
     this test."""
     proc = subprocess.run([sys.executable, "-c", _RAW_UNKNOWN_KEYWORD],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+                          cwd=tempfile.gettempdir())
     out = proc.stdout.decode()
     assert proc.returncode == 0, "process died (rc %d): %s" % (
         proc.returncode, proc.stderr.decode(errors="replace")[-600:])
