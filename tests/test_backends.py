@@ -74,20 +74,42 @@ def test_invalid_value_is_named():
 
 
 # The library made unloadable from outside: a copy of the package whose .so
-# is absent, imported from a folder first on sys.path.
+# is absent, imported from a folder first on sys.path. Its version differs
+# from the installed package's, whose library it would otherwise use (as a
+# source tree run in place does).
 _WITHOUT_LIBRARY = """
     import shutil, sys, os, importlib.util
     src = os.path.dirname(importlib.util.find_spec("mx_instnorm").origin)
     dst = os.path.join(sys.argv[1], "mx_instnorm")
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    if sys.argv[2] != "same":
+        with open(os.path.join(dst, "_version.py"), "w") as f:
+            f.write("__version__ = '0.0.0+nolibrary'\\n")
 """
+
+
+def _copy_without_library(folder, version):
+    proc = _run(_WITHOUT_LIBRARY, args=(folder, version))
+    assert proc.returncode == 0, proc.stderr
+    return folder
 
 
 @pytest.fixture
 def package_without_library(tmp_path):
-    proc = _run(_WITHOUT_LIBRARY.replace("sys.argv[1]", repr(str(tmp_path))))
+    return _copy_without_library(str(tmp_path), "other")
+
+
+@needs_compiled
+def test_source_tree_uses_the_installed_library(tmp_path):
+    """A checkout run in place (python -m from the repository root) has no
+    library of its own; the installed copy's, of the same version, is used."""
+    folder = _copy_without_library(str(tmp_path), "same")
+    proc = _run(REPORT, cwd=folder, env={"PYTHONPATH": folder})
     assert proc.returncode == 0, proc.stderr
-    return str(tmp_path)
+    assert "BACKEND compiled" in proc.stdout
+    origin = _run("import mx_instnorm; print(mx_instnorm.__file__)", cwd=folder,
+                  env={"PYTHONPATH": folder}).stdout
+    assert origin.startswith(folder)
 
 
 def test_missing_library_falls_back_with_a_reason(package_without_library):

@@ -18,6 +18,7 @@ import ctypes
 import importlib.util
 import os
 import re
+import sys
 import threading
 
 __all__ = ["OP_NAME", "LIBRARY_NAME", "CompiledUnavailable", "library_path", "load"]
@@ -38,8 +39,50 @@ class CompiledUnavailable(RuntimeError):
 
 
 def library_path():
-    """Where the compiled library is (or would be): beside this module."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), LIBRARY_NAME)
+    """Where the compiled library is (or would be): beside this module.
+
+    A source tree run in place (``python -m mx_instnorm`` from the
+    repository root after ``pip install .``: ``-m`` puts the working
+    directory first on ``sys.path``) has no library of its own; then the
+    one ``pip install`` put in the installed copy of the same version is
+    used.
+    """
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), LIBRARY_NAME)
+    if os.path.exists(here):
+        return here
+    return _installed_library() or here
+
+
+def _installed_library():
+    """The library of an installed mx_instnorm of this very version found on
+    ``sys.path``, or None."""
+    from .._version import __version__
+    own = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    packages = [os.path.join(os.path.abspath(entry or os.curdir), "mx_instnorm")
+                for entry in sys.path]
+    # Editable installs map the package with a finder of their own.
+    for finder in sys.meta_path:
+        if getattr(finder, "__name__", "") == "PathFinder" or \
+                not hasattr(finder, "find_spec"):
+            continue
+        try:
+            spec = finder.find_spec("mx_instnorm", None)
+        except Exception:  # noqa: BLE001 - a foreign finder's failure is not ours
+            continue
+        packages.extend(getattr(spec, "submodule_search_locations", None) or [])
+    for package in packages:
+        package = os.path.abspath(package)
+        candidate = os.path.join(package, "operator", LIBRARY_NAME)
+        if package == own or not os.path.isfile(candidate):
+            continue
+        try:
+            with open(os.path.join(package, "_version.py"), encoding="utf-8") as f:
+                match = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", f.read())
+        except OSError:
+            continue
+        if match and match.group(1) == __version__:
+            return candidate
+    return None
 
 
 def _version_tuple(text):
