@@ -115,36 +115,45 @@ def test_module_add(rng):
     _check(got, dict.fromkeys(refs, "add"), refs)
 
 
+def _block(g, b):
+    """Our block with scale and the given gamma/beta."""
+    block = InstanceNorm(epsilon=EPS, scale=True, in_channels=SHAPE[1])
+    block.initialize()
+    block.gamma.set_data(mx.nd.array(g))
+    block.beta.set_data(mx.nd.array(b))
+    return block
+
+
+def _two_add_passes(net, block, x, dy):
+    """Two backward passes of ``net`` over data with grad_req 'add'; the
+    gradients of the data and of ``block``'s parameters."""
+    data = mx.nd.array(x)
+    data.attach_grad("add")
+    for _ in range(2):
+        with mx.autograd.record():
+            y = net(data)
+        y.backward(mx.nd.array(dy))
+    return {"data": data.grad.asnumpy(), "gamma": block.gamma.grad().asnumpy(),
+            "beta": block.beta.grad().asnumpy()}
+
+
 @pytest.mark.parametrize("when", ["before", "after"])
 @pytest.mark.parametrize("mode", ["imperative", "hybridize", "static"])
 def test_gluon_add(rng, mode, when):
     """Parameters and data with grad_req='add', set before the first call or
     after the block ran (and was hybridized) with 'write'."""
     (x, g, b, dy), refs = _data(rng)
-    block = InstanceNorm(epsilon=EPS, scale=True, in_channels=SHAPE[1])
-    block.initialize()
-    block.gamma.set_data(mx.nd.array(g))
-    block.beta.set_data(mx.nd.array(b))
+    block = _block(g, b)
     if mode == "hybridize":
         block.hybridize()
     elif mode == "static":
         block.hybridize(static_alloc=True, static_shape=True)
-    if when == "before":
-        block.collect_params().setattr("grad_req", "add")
-    else:
+    if when == "after":
         with mx.autograd.record():
             block(mx.nd.array(x)).backward(mx.nd.array(dy))
-        block.collect_params().setattr("grad_req", "add")
+    block.collect_params().setattr("grad_req", "add")
     block.collect_params().zero_grad()
-    data = mx.nd.array(x)
-    data.attach_grad("add")
-    for _ in range(2):
-        with mx.autograd.record():
-            y = block(data)
-        y.backward(mx.nd.array(dy))
-    got = {"data": data.grad.asnumpy(), "gamma": block.gamma.grad().asnumpy(),
-           "beta": block.beta.grad().asnumpy()}
-    _check(got, dict.fromkeys(refs, "add"), refs)
+    _check(_two_add_passes(block, block, x, dy), dict.fromkeys(refs, "add"), refs)
 
 
 # A residual graph: h feeds our op and the sum, so its gradient is summed;
@@ -199,41 +208,22 @@ def test_gluon_add_inside_hybridized_parent(rng, imperative_first):
     has no gradient buffer) must not leave the graph without its view."""
     (x, g, b, dy), refs = _data(rng)
     net = mx.gluon.nn.HybridSequential()
-    net.add(InstanceNorm(epsilon=EPS, scale=True, in_channels=SHAPE[1]))
-    net.initialize()
-    net[0].gamma.set_data(mx.nd.array(g))
-    net[0].beta.set_data(mx.nd.array(b))
+    net.add(_block(g, b))
     if imperative_first:
         net(mx.nd.array(x))
     net.hybridize()
     net.collect_params().setattr("grad_req", "add")
     net.collect_params().zero_grad()
-    data = mx.nd.array(x)
-    data.attach_grad("add")
-    for _ in range(2):
-        with mx.autograd.record():
-            y = net(data)
-        y.backward(mx.nd.array(dy))
-    got = {"data": data.grad.asnumpy(), "gamma": net[0].gamma.grad().asnumpy(),
-           "beta": net[0].beta.grad().asnumpy()}
-    _check(got, dict.fromkeys(refs, "add"), refs)
+    _check(_two_add_passes(net, net[0], x, dy), dict.fromkeys(refs, "add"), refs)
 
 
 def test_gluon_data_without_gradient_then_with(rng):
     """The top-level block rebuilds its graph when its data starts having a
     gradient buffer (the view for the data is only there when needed)."""
     (x, g, b, dy), refs = _data(rng)
-    block = InstanceNorm(epsilon=EPS, scale=True, in_channels=SHAPE[1])
-    block.initialize()
-    block.gamma.set_data(mx.nd.array(g))
-    block.beta.set_data(mx.nd.array(b))
+    block = _block(g, b)
     block.hybridize()
     with mx.autograd.record():
         block(mx.nd.array(x)).backward(mx.nd.array(dy))
-    data = mx.nd.array(x)
-    data.attach_grad("add")
-    for _ in range(2):
-        with mx.autograd.record():
-            y = block(data)
-        y.backward(mx.nd.array(dy))
-    np.testing.assert_allclose(data.grad.asnumpy(), 2 * refs["data"], **TOL)
+    got = _two_add_passes(block, block, x, dy)
+    np.testing.assert_allclose(got["data"], 2 * refs["data"], **TOL)

@@ -706,18 +706,34 @@ int num_threads_from_env(std::string* error) {
   return hw > 0 ? static_cast<int>(hw) : 1;
 }
 
+// Calls f(Types<Data, Param>{}) for the (data, param) dtype pair.
+template <typename D, typename P>
+struct Types {
+  using Data = D;
+  using Param = P;
+};
+
+template <typename F>
+void with_types(DType data, DType param, F&& f) {
+  if (data == kFloat16 && param == kFloat16)
+    f(Types<half_t, half_t>{});
+  else if (data == kFloat16)
+    f(Types<half_t, float>{});
+  else if (data == kFloat32)
+    f(Types<float, float>{});
+  else
+    f(Types<double, double>{});
+}
+
 bool forward(const Layout& lay, DType data, DType param, const void* x, const void* gamma,
              const void* beta, double eps, void* y, void* mean, void* rstd, int num_threads,
              std::string* error) {
   if (bad_dtypes(data, param, error)) return false;
-  if (data == kFloat16 && param == kFloat16)
-    run_forward<half_t, half_t>(lay, x, gamma, beta, eps, y, mean, rstd, num_threads);
-  else if (data == kFloat16)
-    run_forward<half_t, float>(lay, x, gamma, beta, eps, y, mean, rstd, num_threads);
-  else if (data == kFloat32)
-    run_forward<float, float>(lay, x, gamma, beta, eps, y, mean, rstd, num_threads);
-  else
-    run_forward<double, double>(lay, x, gamma, beta, eps, y, mean, rstd, num_threads);
+  with_types(data, param, [&](auto t) {
+    using T = decltype(t);
+    run_forward<typename T::Data, typename T::Param>(lay, x, gamma, beta, eps, y, mean, rstd,
+                                                     num_threads);
+  });
   return true;
 }
 
@@ -725,14 +741,11 @@ bool backward(const Layout& lay, DType data, DType param, const void* dy, const 
               const void* gamma, double eps, void* dx, void* dgamma, void* dbeta,
               int num_threads, std::string* error) {
   if (bad_dtypes(data, param, error)) return false;
-  if (data == kFloat16 && param == kFloat16)
-    run_backward<half_t, half_t>(lay, dy, x, gamma, eps, dx, dgamma, dbeta, num_threads);
-  else if (data == kFloat16)
-    run_backward<half_t, float>(lay, dy, x, gamma, eps, dx, dgamma, dbeta, num_threads);
-  else if (data == kFloat32)
-    run_backward<float, float>(lay, dy, x, gamma, eps, dx, dgamma, dbeta, num_threads);
-  else
-    run_backward<double, double>(lay, dy, x, gamma, eps, dx, dgamma, dbeta, num_threads);
+  with_types(data, param, [&](auto t) {
+    using T = decltype(t);
+    run_backward<typename T::Data, typename T::Param>(lay, dy, x, gamma, eps, dx, dgamma,
+                                                      dbeta, num_threads);
+  });
   return true;
 }
 
