@@ -17,8 +17,6 @@ Layers, with imports pointing one way: :mod:`mx_instnorm.kernel` (NumPy and
 C++ kernels, no MXNet) -> :mod:`mx_instnorm.operator` (MXNet glue) ->
 :mod:`mx_instnorm.gluon`.
 """
-import os as _os
-
 # MXNet 1.9.1 needs NumPy names that newer NumPy removed: the installed .pth
 # adds them when mxnet is imported first; this covers installs without it
 # (pip install --target, the source tree on PYTHONPATH).
@@ -37,9 +35,9 @@ from .operator.native import export_native, to_native
 from .operator.patch import is_patched, patch_mxnet, patched_mxnet, unpatch_mxnet
 
 _register()
-# The compiled library is loaded now unless the Python backend is forced.
-COMPILED_OP = (None if _os.environ.get("MX_INSTNORM_BACKEND", "").strip().lower() == "python"
-               else _compiled_op())
+# The compiled library is loaded now (also when MX_INSTNORM_BACKEND=python,
+# which only changes what backend() picks, and may change within a process).
+COMPILED_OP = _compiled_op()
 # Where it is not loaded, a graph file naming it fails with an explanation.
 _install_load_hook()
 # mx.onnx.export_model converts our ops where onnx is installed (a no-op, and
