@@ -14,11 +14,13 @@ is to make sure no blocked array ever reaches our Custom node:
 * in a graph, a same-shape ``reshape`` sits before the data input (executed
   in place: free for plain data, a reorder for blocked data; for rank > 4,
   which oneDNN's reshape does not handle, or an unknown rank, a copying
-  ``expand_dims``/``squeeze`` pair), and, where the
-  graph will be run by a CachedOp (a hybridized block, with or without
-  static allocation), a full-range ``slice_axis`` after the output, the one
-  op found whose backward writes a fresh plain-layout ``dy`` (it costs a
-  copy each way).
+  ``expand_dims``/``squeeze`` pair), and a full-range ``slice_axis`` after
+  the output, the one op found whose backward writes a fresh plain-layout
+  ``dy`` (it costs a copy each way; a CachedOp needs it, and a symbol cannot
+  know whether a CachedOp or an executor will run it).
+
+These guards belong to the Python backend: the compiled operator needs none
+(see docs/onednn.md).
 """
 import mxnet as mx
 
@@ -48,16 +50,14 @@ def guard_input(F, x, copy=False, name=None):
     return F.reshape(x, shape=(-2,), **_named(name, "_in"))
 
 
-def guard_output(F, y, copy_in_graph, name=None):
+def guard_output(F, y, name=None):
     """``y`` as returned to the caller, so that ``dy`` reaches backward in
-    the plain layout. ``copy_in_graph``: whether a graph needs the copy
-    (any graph run by a CachedOp does; the Module/``simple_bind`` executor
-    keeps MXNet's temporaries alive and does not). The copy, when added,
+    the plain layout. In a graph the copy is always there: a graph run by a
+    CachedOp needs it, and a symbol cannot know whether a CachedOp or an
+    executor (which keeps MXNet's temporaries alive) will run it. The copy
     takes ``name`` so that the graph's output keeps the op's name."""
     if F is mx.nd:
         if mx.autograd.is_recording():
             return y.reshape(y.shape)
         return y
-    if copy_in_graph:
-        return F.slice_axis(y, axis=0, begin=0, end=None, **_named(name, ""))
-    return y
+    return F.slice_axis(y, axis=0, begin=0, end=None, **_named(name, ""))

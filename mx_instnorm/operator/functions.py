@@ -119,14 +119,14 @@ def _custom(F, data, gamma, beta, eps, axis, name, out, rank, empty):
             kwargs["name"] = name
         if out is not None:
             kwargs["out"] = out
-        return guard_output(F, F.Custom(guard_input(F, data), gamma, beta, **kwargs), False)
+        return guard_output(F, F.Custom(guard_input(F, data), gamma, beta, **kwargs))
     if name is not None:
         # The last node of the fragment carries ``name``, as the built-in's
         # single node does, so ``<name>_output`` names the result.
         kwargs["name"] = name + "_op"
     copy_input = rank is None or rank > 4 or empty
     y = F.Custom(guard_input(F, data, copy_input, name), gamma, beta, **kwargs)
-    return guard_output(F, y, True, name)
+    return guard_output(F, y, name)
 
 
 def instance_norm(F, data, gamma, beta, eps, axis, name=None, out=None,
