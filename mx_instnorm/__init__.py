@@ -15,7 +15,9 @@ exporter is importable, registers our converters.
 
 Layers, with imports pointing one way: :mod:`mx_instnorm.kernel` (NumPy and
 C++ kernels, no MXNet) -> :mod:`mx_instnorm.operator` (MXNet glue) ->
-:mod:`mx_instnorm.gluon`.
+:mod:`mx_instnorm.gluon` (the block) and :mod:`mx_instnorm.graphs` (graph
+conversions) -> :mod:`mx_instnorm.integration` (patching MXNet, fork and
+load hooks) and the command line.
 """
 # MXNet 1.9.1 needs NumPy names that newer NumPy removed: the installed .pth
 # adds them when mxnet is imported first; this covers installs without it
@@ -26,20 +28,20 @@ _numpy_compat.install()
 
 from ._version import __version__  # noqa: E402
 from .operator import OP_TYPE, register as _register
-from .operator import onnx_export as _onnx_export
 from .operator.backend import backend, backend_reason
 from .operator.backend import compiled_op as _compiled_op
-from .operator.graphs import install_load_hook as _install_load_hook
-from .operator.graphs import to_compiled, to_custom
-from .operator.native import export_native, to_native
-from .operator.patch import is_patched, patch_mxnet, patched_mxnet, unpatch_mxnet
+from .graphs import export_native, to_compiled, to_custom, to_native
+from .graphs import onnx_export as _onnx_export
+from . import integration as _integration
+from .integration import is_patched, patch_mxnet, patched_mxnet, unpatch_mxnet
 
 _register()
 # The compiled library is loaded now (also when MX_INSTNORM_BACKEND=python,
 # which only changes what backend() picks, and may change within a process).
 COMPILED_OP = _compiled_op()
-# Where it is not loaded, a graph file naming it fails with an explanation.
-_install_load_hook()
+# The before-fork drain; where the library is not loaded, a graph file naming
+# its op fails with an explanation.
+_integration.install()
 # mx.onnx.export_model converts our ops where onnx is installed (a no-op, and
 # no onnx import, where it is not).
 _onnx_export.register()

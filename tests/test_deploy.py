@@ -19,7 +19,7 @@ from mxnet.gluon import nn
 import mx_instnorm
 from conftest import BUILTIN_TOL
 from mx_instnorm.gluon import InstanceNorm, swap_instance_norm
-from mx_instnorm.operator import onnx_export
+from mx_instnorm.graphs import onnx_export
 
 
 def _run_fresh(code, cwd):
@@ -307,7 +307,7 @@ def test_import_without_onnx_registers_nothing(tmp_path):
     code = """
         sys.modules['onnx'] = None
         import mx_instnorm
-        from mx_instnorm.operator import onnx_export
+        from mx_instnorm.graphs import onnx_export
         assert onnx_export.register() is False
     """
     subprocess.run([sys.executable, "-c", "import sys\n" + textwrap.dedent(code)],

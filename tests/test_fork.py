@@ -15,7 +15,7 @@ the copy of the kernel's thread pool, whose threads ``fork()`` does not
 copy; and the parent deadlocked in ``fork()`` right after reading a result,
 in MXNet's own fork handler, which joins the CustomOp worker thread while
 that thread waits for the GIL to run a delete callback
-(:mod:`mx_instnorm.operator._fork`).
+(:mod:`mx_instnorm.integration._fork`).
 
 Each scenario runs once per backend (conftest's ``mx_backend`` sets
 ``MX_INSTNORM_BACKEND``, which the script inherits); the script skips, with

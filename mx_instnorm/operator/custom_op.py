@@ -287,14 +287,11 @@ def _finish_pending_work():
 
 
 def register():
-    """Registers the op under :data:`OP_TYPE` (once per process), the
-    exit-time wait of :func:`_finish_pending_work` and the before-fork
-    drain of :mod:`._fork`."""
+    """Registers the op under :data:`OP_TYPE` (once per process) and the
+    exit-time wait of :func:`_finish_pending_work`. (The before-fork drain,
+    :mod:`mx_instnorm.integration._fork`, is installed by the package.)"""
     global _registered
     if not _registered:
-        from . import _fork
-
         mx.operator.register(OP_TYPE)(InstanceNormProp)
         atexit.register(_finish_pending_work)
-        _fork.install()
         _registered = True

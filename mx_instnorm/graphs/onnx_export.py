@@ -28,9 +28,9 @@ import json
 import mxnet as mx
 import numpy as np
 
-from . import _params
-from .custom_op import OP_TYPE
-from .graphs import COMPILED_NAME
+from ..operator import _params
+from ..operator.custom_op import OP_TYPE
+from .backends import COMPILED_NAME
 
 __all__ = ["register", "convert_instance_norm"]
 

@@ -15,26 +15,18 @@ layout guards of :mod:`._onednn` (the data's rank is not known from the
 JSON). The replacement's last node keeps the original node's name, so
 output, argument and auxiliary names are unchanged.
 
-Where the compiled operator is not available, ``import mx_instnorm`` wraps
-``mx.sym.load`` and ``mx.sym.load_json`` (and so ``SymbolBlock.imports``,
-``Module.load`` and ``mx.model.load_checkpoint``) so that a graph with
-compiled nodes fails with an ``MXNetError`` that says why and names the fix
-instead of MXNet's "operator not registered".
 """
-import functools
 import json
 import os
 
 import mxnet as mx
 
-from . import backend
-from .custom_op import OP_TYPE
+from ..operator import backend
+from ..operator.compiled import OP_NAME as COMPILED_NAME
+from ..operator.custom_op import OP_TYPE
 
-__all__ = ["COMPILED_NAME", "to_custom", "to_compiled", "install_load_hook"]
+__all__ = ["COMPILED_NAME", "to_custom", "to_compiled"]
 
-#: The compiled operator's name in graph files, known also where it is not
-#: loaded (the library registers it under this name).
-COMPILED_NAME = "mx_instnorm_InstanceNorm"
 
 
 def _is_custom(node):
@@ -183,7 +175,10 @@ def _graph_dict(graph, caller):
 
 
 def _load(graph_dict):
-    return _original_load_json(json.dumps(graph_dict))
+    # MXNet's own loader (a parser, not the hooked one: see
+    # mx_instnorm.integration.load_hook), unwrapped where it was wrapped.
+    load_json = mx.sym.load_json
+    return getattr(load_json, "__wrapped__", load_json)(json.dumps(graph_dict))
 
 
 def to_custom(graph):
@@ -239,48 +234,3 @@ def to_compiled(graph):
         raise RuntimeError("to_compiled needs mx_instnorm's compiled operator, which "
                            "is not available: " + backend.backend_reason())
     return _load(_rewrite(_graph_dict(graph, "to_compiled"), "custom", _as_compiled))
-
-
-# ------------------------------------------------------------ load hook --
-
-_original_load_json = mx.sym.load_json
-_original_load = mx.sym.load
-
-
-def _explain(err):
-    if COMPILED_NAME not in str(err):
-        return err
-    return mx.MXNetError(
-        "this graph uses mx_instnorm's compiled operator %s, which is not available "
-        "in this process (%s). Convert the graph to the Python backend with "
-        "mx_instnorm.to_custom(path_or_json), which returns a Symbol, or reinstall "
-        "mx_instnorm where a C++ compiler is available (pip install mx_instnorm "
-        "builds it). MXNet said: %s"
-        % (COMPILED_NAME, backend.backend_reason(), str(err).strip().splitlines()[0]))
-
-
-def _hooked(original):
-    @functools.wraps(original)
-    def load(*args, **kwargs):
-        try:
-            return original(*args, **kwargs)
-        except mx.MXNetError as err:
-            explained = _explain(err)
-            if explained is err:
-                raise
-            raise explained from err
-    load.__wrapped_by_mx_instnorm__ = True
-    return load
-
-
-def install_load_hook():
-    """Wraps ``mx.sym.load``/``load_json`` so that a graph naming the
-    compiled operator, where it is not available, fails with an explanation
-    (a no-op where the compiled operator is loaded)."""
-    if backend.compiled_op() is not None:
-        return
-    for module in (mx.symbol, mx.symbol.symbol):
-        for attr in ("load", "load_json"):
-            fn = getattr(module, attr)
-            if not getattr(fn, "__wrapped_by_mx_instnorm__", False):
-                setattr(module, attr, _hooked(fn))

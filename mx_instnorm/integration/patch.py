@@ -23,7 +23,7 @@ import contextlib
 
 import mxnet as mx
 
-from .functions import nd_instance_norm, sym_instance_norm
+from ..operator.functions import nd_instance_norm, sym_instance_norm
 
 __all__ = ["patch_mxnet", "unpatch_mxnet", "patched_mxnet", "is_patched"]
 

@@ -26,10 +26,10 @@ import json
 import mxnet as mx
 import numpy as np
 
-from . import _params
-from ._errors import explain_errors
-from .custom_op import OP_TYPE
-from .graphs import COMPILED_NAME
+from ..operator import _params
+from ..operator._errors import explain_errors
+from ..operator.custom_op import OP_TYPE
+from .backends import COMPILED_NAME
 
 __all__ = ["to_native", "export_native"]
 
