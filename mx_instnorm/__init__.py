@@ -10,6 +10,8 @@ exporter is importable, registers our converters.
 * :func:`patch_mxnet`, :func:`unpatch_mxnet`, :func:`patched_mxnet`: MXNet's
   own ``InstanceNorm`` entry points (``F.InstanceNorm``) routed to ours
 * :func:`backend`, :func:`backend_reason`: which backend computes, and why
+* :func:`explain_errors`: our message first in an ``MXNetError`` raised by
+  MXNet's inference of a graph holding the CustomOp
 * :func:`to_native`, :func:`export_native`: graphs without our op;
   :func:`to_custom`, :func:`to_compiled`: graphs between our two backends
 
@@ -27,7 +29,7 @@ import mx_instnorm_numpy_compat as _numpy_compat
 _numpy_compat.install()
 
 from ._version import __version__  # noqa: E402
-from .operator import OP_TYPE, register as _register
+from .operator import OP_TYPE, explain_errors, register as _register
 from .operator.backend import backend, backend_reason
 from .operator.backend import compiled_op as _compiled_op
 from .graphs import export_native, to_compiled, to_custom, to_native
@@ -48,7 +50,7 @@ _onnx_export.register()
 
 from . import gluon, kernel, nd, sym  # noqa: E402  (after registration)
 
-__all__ = ["__version__", "OP_TYPE", "COMPILED_OP", "backend", "backend_reason",
+__all__ = ["__version__", "OP_TYPE", "COMPILED_OP", "backend", "backend_reason", "explain_errors",
            "gluon", "kernel", "nd", "sym", "patch_mxnet", "unpatch_mxnet",
            "patched_mxnet", "is_patched", "to_native", "export_native",
            "to_custom", "to_compiled"]

@@ -165,7 +165,8 @@ def _seed_mxnet():
 # tests, and the modules below that pick backends themselves, run once.
 BACKENDS = ("compiled", "python")
 PATHS = ("fast", "generic")
-_SINGLE_BACKEND_MODULES = {"test_kernel", "test_compiled", "test_compat", "test_backends"}
+_SINGLE_BACKEND_MODULES = {"test_kernel", "test_compiled", "test_compat", "test_backends",
+                           "test_layers"}
 
 
 def pytest_generate_tests(metafunc):
@@ -208,6 +209,6 @@ def path(request, monkeypatch, mx_backend):
         monkeypatch.setenv("MX_INSTNORM_PATH", "generic")
     else:
         monkeypatch.delenv("MX_INSTNORM_PATH", raising=False)
-    expected = "generic" if request.param == "generic" else "fast"
-    assert mx_instnorm.operator.selected_path("cpu") == expected
+    expected = "generic" if request.param == "generic" else "numpy"
+    assert mx_instnorm.operator.implementation("cpu", custom_op=True) == expected
     return request.param

@@ -374,6 +374,45 @@ def test_operator_extreme_magnitudes(rng, path, dtype, scale, shape, axis):
     assert_close(got, _scaled_reference(x, gamma, beta, 1e-3, axis)[0], dtype)
 
 
+@pytest.mark.parametrize("dtype,scale", [(np.float32, 1e30), (np.float64, 1e300)],
+                         ids=["f32-1e30", "f64-1e300"])
+def test_operator_extreme_magnitudes_backward(rng, path, dtype, scale):
+    """Every implementation's backward at magnitudes whose squares overflow
+    (the generic path rescales by a power of two, as the NumPy kernel)."""
+    shape, axis = (2, 3, 40), 1
+    x = ((rng.standard_normal(shape) + 0.5) * scale).astype(dtype)
+    x[1, 2] = rng.standard_normal(40).astype(dtype)  # one ordinary instance
+    gamma = rng.uniform(0.5, 1.5, shape[axis]).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    top = np.abs(x.astype(np.float64)).max(axis=2, keepdims=True)
+    want = ref_backward(dy.astype(np.float64), x / top, gamma.astype(np.float64), 0.0, axis)
+    data, g, b = _nd(x), _nd(gamma), _nd(gamma)
+    for arr in (data, g, b):
+        arr.attach_grad()
+    with np.errstate(over="ignore", invalid="ignore"):
+        with mx.autograd.record():
+            y = mx_instnorm.nd.InstanceNorm(data, g, b, eps=0.0, axis=axis)
+        y.backward(_nd(dy))
+        dx = data.grad.asnumpy()
+    assert np.isfinite(dx).all()
+    assert_close(dx * top, want[0], dtype)
+    assert_close(g.grad.asnumpy(), want[1], dtype)
+    assert_close(b.grad.asnumpy(), want[2], dtype)
+
+
+def test_operator_nan_and_inf_stay_in_their_instance(rng, path):
+    x = rng.standard_normal((2, 3, 50)).astype(np.float32)
+    x[0, 1, 5] = np.nan
+    x[1, 2, 7] = np.inf
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = mx_instnorm.nd.InstanceNorm(_nd(x), _nd(gamma), _nd(beta), eps=1e-3).asnumpy()
+    assert np.isnan(y[0, 1]).all() and np.isnan(y[1, 2]).all()
+    for n, c in [(0, 0), (0, 2), (1, 0), (1, 1)]:
+        assert_close(y[n, c], ref_forward(x[n:n + 1, c:c + 1], gamma[:1], beta[:1], 1e-3)[0][0, 0],
+                     np.float32)
+
+
 def test_nan_and_inf_stay_in_their_instance(rng):
     """A NaN or an inf makes its own instance NaN and leaves the others alone
     (the overflow recompute must not spread it)."""

@@ -14,7 +14,7 @@ from mxnet.base import MXNetError
 import mx_instnorm
 from mx_instnorm.gluon import InstanceNorm
 from mx_instnorm.kernel import default_num_threads, instance_norm_backward, instance_norm_forward
-from mx_instnorm.operator import selected_path
+from mx_instnorm.operator import implementation
 
 from conftest import assert_close, ref_forward
 
@@ -523,7 +523,7 @@ def test_kernel_rejects_mismatched_dy(rng):
 def test_bad_path_variable(monkeypatch):
     monkeypatch.setenv("MX_INSTNORM_PATH", "bogus")
     with pytest.raises(ValueError, match="MX_INSTNORM_PATH must be one of .*got 'bogus'"):
-        selected_path("cpu")
+        implementation("cpu", custom_op=True)
 
 
 @pytest.mark.parametrize("value", ["x", "0"])

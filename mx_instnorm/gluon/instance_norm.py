@@ -2,8 +2,8 @@
 import mxnet as mx
 from mxnet.gluon import HybridBlock
 
-from ..operator import _params, backend, explain_errors
-from ..operator.functions import instance_norm
+from ..operator import (check_data_shape, check_dtypes, explain_errors, implementation,
+                        instance_norm, normalize_axis, parse_axis, parse_eps)
 
 __all__ = ["InstanceNorm"]
 
@@ -70,10 +70,10 @@ class InstanceNorm(HybridBlock):
                  beta_initializer='zeros', gamma_initializer='ones',
                  in_channels=0, **kwargs):
         super().__init__(**kwargs)
-        axis = _params.parse_axis(axis)
+        axis = parse_axis(axis)
         if axis == 0:
-            _params.normalize_axis(axis, 3)  # raises: the batch axis
-        _params.parse_eps(epsilon, 'epsilon')
+            normalize_axis(axis, 3)  # raises: the batch axis
+        parse_eps(epsilon, 'epsilon')
         if not isinstance(in_channels, int) or isinstance(in_channels, bool) \
                 or in_channels < 0:
             raise ValueError("in_channels must be an integer >= 0, got %r"
@@ -81,7 +81,7 @@ class InstanceNorm(HybridBlock):
         self._kwargs = {'eps': epsilon, 'axis': axis, 'center': center, 'scale': scale}
         self._axis = axis
         self._epsilon = epsilon
-        self._layout = None  # (rank, empty, backend, has grad) of the last data
+        self._layout = None  # (rank, empty, implementation, has grad) of the last data
         self.gamma = self.params.get('gamma', grad_req='write' if scale else 'null',
                                      shape=(in_channels,), init=gamma_initializer,
                                      allow_deferred_init=True)
@@ -97,13 +97,14 @@ class InstanceNorm(HybridBlock):
             # data (an earlier imperative call's layout would be stale).
             self._layout = None
         else:
-            channels = _params.check_data_shape(x.shape, self._axis)
-            # The graph depends on the backend, and on the Python backend the
+            channels = check_data_shape(x.shape, self._axis)
+            # The graph depends on the implementation (compiled or the
+            # CustomOp; a graph is built as for CPU), and on the CustomOp the
             # layout guard depends on the rank and on emptiness (oneDNN's
             # in-place reshape fails on empty arrays in backward).
             # And on the compiled backend on whether the data has a gradient
             # buffer (see functions._compiled: grad_req='add' on the data).
-            layout = (x.ndim, 0 in x.shape, backend.backend(), x.grad is not None)
+            layout = (x.ndim, 0 in x.shape, implementation(), x.grad is not None)
             if self._layout != layout:
                 self._layout = layout
                 self._clear_cached_op()
@@ -115,7 +116,7 @@ class InstanceNorm(HybridBlock):
                     "%s was built for %d channels but data of shape %s has %d "
                     "on axis %d" % (self.name, known, x.shape, channels, self._axis))
             try:
-                _params.check_dtypes(x.dtype, self.gamma.dtype, self.beta.dtype)
+                check_dtypes(x.dtype, self.gamma.dtype, self.beta.dtype)
             except TypeError as err:
                 raise TypeError("%s: %s; cast the block (block.cast(dtype)) or the "
                                 "data" % (self.name, err)) from None

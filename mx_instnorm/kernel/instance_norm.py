@@ -16,53 +16,99 @@ without any copy:
 * channels last (``B == 1``, e.g. NHWC): every instance is a column of the
   ``(A, C)`` slab ``x[n]``; one slab is normalized at a time.
 
-Any other channel axis is transposed to channels first and back.
+Any other channel axis is transposed to channels first and back. (``A``
+is only ever this layout dimension; the accumulation dtype is ``acc``.)
+
+The derivation
+--------------
+This section is the one statement of the maths for every implementation:
+this module (NumPy), ``instance_norm.cc`` (C++, the compiled backend) and
+:mod:`mx_instnorm.operator.generic` (``mx.nd`` operators, the CustomOp's
+generic path). Each uses these symbols for these quantities; the docs
+point here instead of repeating it.
+
+========== ================================================================
+symbol     meaning (per instance ``(n, c)``, sums over its ``M`` elements)
+========== ================================================================
+``M``      ``A * B``, the instance's element count
+``K``      the shift: the instance's first element, ``x[n, 0, c, 0]``
+``d``      ``x - K``, the shifted data (never ``x - mean``)
+``mu``     ``mean(d)``: the mean of the *shifted* data
+``mean``   ``K + mu``: the instance's mean, as returned
+``var``    ``mean((d - mu)**2)``: the biased variance
+``rstd``   ``1 / sqrt(var + eps)`` (``eps`` inside the root, as MXNet's
+           code has it, not its docstring)
+``xhat``   ``(d - mu) * rstd``, the normalized data
+``y``      ``gamma[c] * xhat + beta[c]``
+``g``      ``dL/dy``, the incoming gradient (``dy``)
+``c1``     ``sum(g) / M``
+``c2``     ``sum(g * xhat) / M = rstd * (sum(g d) - mu sum(g)) / M``
+``k``      ``gamma[c] * rstd``
+``b1``     ``rstd * c2`` (C++ ``DxCoef::b1``)
+``b0``     ``b1 * mu - c1`` (C++ ``DxCoef::b0``)
+``acc``    the accumulation dtype (:func:`accumulation_dtype`): float32
+           for float16 data, the data's own otherwise
+========== ================================================================
 
 Forward
--------
+~~~~~~~
 .. math::
 
-    \mu = \frac{1}{M}\sum_j x_j, \qquad
-    \sigma^2 = \frac{1}{M}\sum_j (x_j - \mu)^2, \qquad
-    r = \frac{1}{\sqrt{\sigma^2 + \epsilon}},
+    d_j = x_j - K, \quad \mu = \frac{1}{M}\sum_j d_j, \quad
+    \mathrm{var} = \frac{1}{M}\sum_j (d_j - \mu)^2, \quad
+    r = \frac{1}{\sqrt{\mathrm{var} + \epsilon}},
 
-    \hat{x}_j = (x_j - \mu)\, r, \qquad y_j = \gamma_c \hat{x}_j + \beta_c .
+    \hat{x}_j = (d_j - \mu)\, r, \qquad y_j = \gamma_c \hat{x}_j + \beta_c .
 
-``eps`` sits inside the square root, as MXNet's code (not its docstring)
-has it. ``r`` is called ``rstd`` below.
+``r`` is ``rstd``. Since ``d - mu = x - mean`` exactly in real arithmetic,
+this is the textbook formula; the shift only changes rounding. For data
+with a large common offset ``d`` is exact or nearly so, and ``mu`` and
+``var`` keep their digits: ``y`` is computed from ``(x - K) - mu``, never
+from ``x - mean``. A one-pass ``E[x^2] - E[x]^2`` on ``x`` loses every digit
+when the offset is large against the spread; on ``d`` it does not, as long
+as ``K`` is not far out in its instance. ``var`` by implementation:
 
-Statistics are computed on shifted data. Each instance is first shifted by
-its own first element ``K`` (``d = x - K`` is exact or nearly so for data
-with a large common offset) and ``mu' = mean(d)``, ``mu = K + mu'``. A
-one-pass ``E[x^2] - E[x]^2`` on ``x`` loses every digit when the offset is
-large against the spread; on ``d`` it does not, as long as ``K`` is not far
-out in its instance. The variance is then, by implementation:
+* NumPy, small inputs (at most ``_SMALL_ELEMS`` elements) and the generic
+  path: two-pass, ``var = mean((d - mu)**2)``;
+* NumPy blocks: ``var = mean(d * d) - mu**2`` (BLAS sums, one pass fewer),
+  recomputed two-pass for the instances with ``mu**2 > 16 var`` (``K`` more
+  than 4 standard deviations from the mean), where the difference would
+  cancel;
+* C++: two-pass within cache-sized chunks, the chunks' ``(count, mu, m2)``
+  merged in double with Chan's formula.
 
-* small inputs (at most ``_SMALL_ELEMS`` elements): two-pass,
-  ``var = mean((d - mu')^2)``;
-* the NumPy blocks: ``var = mean(d * d) - mu'^2`` (BLAS sums, one pass
-  fewer), recomputed two-pass for the instances whose ``K`` lies more than
-  4 standard deviations from their mean, where that difference would
-  cancel.
+Sums over long rows go through BLAS dots (NumPy), sums down the columns of
+a channels-last slab through 128-row chunks. Everything is accumulated in
+``acc``.
 
-Sums over long rows go through BLAS dots, sums down the columns of a
-channels-last slab through 128-row chunks. float16 data is accumulated in
-float32, float32 in float32, float64 in float64.
-
+Overflow: one strategy, a power-of-two scale
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 An instance whose sum of squares overflows (float32 values beyond about
-1e19, float64 beyond about 1e154) would get ``var = inf``, ``rstd = 0`` and
-``y = beta``. Every implementation instead marks it with ``rstd = 0`` (no
-finite variance gives that) and writes ``y = 0`` (adds 0) there; the driver
-then recomputes only the marked instances with the data scaled by
-``2**-e``, ``2**(e-1) <= max|x| < 2**e`` (exact), and
-``rstd = 2**-e / sqrt(var_s + eps 4**-e)``. (The C++ kernel rescales by the
-instance's largest deviation, in double.) Normal data pays one
-``rstd.all()`` per call. NaN or inf in an instance gives NaN there only.
+1e19, float64 beyond about 1e154) would get ``var = inf``, ``rstd = 0``
+and ``y = beta``. The Python paths (this module and the generic path)
+instead recompute exactly those instances (non-finite ``var``) with the
+data scaled by ``s = 2**-e``, ``e`` such that ``2**(e-1) <= max|x| < 2**e``
+(a power of two, so ``x s`` is exact), and scale the statistics back::
+
+    mean = (K_s + mu_s) / s,    rstd = s / sqrt(var_s + eps s**2)
+
+where ``K_s``, ``mu_s``, ``var_s`` are the symbols above computed on
+``x s``; ``xhat`` is the same on either scale. Here the blocks mark such an
+instance with ``rstd = 0`` (no finite variance gives it) and write ``y = 0``
+(add 0); the driver recomputes only the marked instances. Normal data pays
+one ``rstd.all()`` per call (the generic path one small read of ``var``).
+The C++ kernel detects the same instances (non-finite ``var`` or ``mu``)
+but recomputes them in double, dividing the deviations ``d - mu`` by their
+largest magnitude ``s' = max|d - mu|`` (not a power of two, so that
+division rounds, in double, below the float32 and float16 results'
+precision; for float64 data it can cost an ulp or two):
+``rstd = 1 / (s' sqrt(mean(((d - mu)/s')**2) + eps / s'**2))``. NaN or inf
+in an instance gives NaN there only, on every path.
 
 Backward
---------
-With :math:`g = \partial L / \partial y` and sums over the ``M`` elements of
-one instance (and over the batch for the parameters):
+~~~~~~~~
+With ``g = dL/dy``, sums over the ``M`` elements of one instance (and over
+the batch for the parameters):
 
 .. math::
 
@@ -70,29 +116,33 @@ one instance (and over the batch for the parameters):
     \frac{\partial L}{\partial \gamma_c} = \sum_n \sum_j g_j \hat{x}_j .
 
 Because :math:`\partial \mu / \partial x_j = 1/M` and
-:math:`\partial r / \partial x_j = -r^3 (x_j - \mu) / M`,
+:math:`\partial r / \partial x_j = -r^3 (d_j - \mu) / M`,
 
 .. math::
 
     \frac{\partial L}{\partial x_j}
-      = \gamma_c r \left(g_j - c_1 - \hat{x}_j c_2\right), \qquad
+      = k \left(g_j - c_1 - \hat{x}_j c_2\right)
+      = k \left(g_j - b_1 d_j + b_0\right), \qquad k = \gamma_c r,
+
     c_1 = \frac{1}{M}\sum_i g_i, \quad
-    c_2 = \frac{1}{M}\sum_i g_i \hat{x}_i .
+    c_2 = \frac{1}{M}\sum_i g_i \hat{x}_i, \quad
+    b_1 = r c_2, \quad b_0 = b_1 \mu - c_1 .
 
-The code keeps ``d = x - mu`` rather than ``x_hat = r d``; with
-``k = gamma * rstd`` it computes ``dx = k g - (k r c2) d - k c1`` where
-``c2 = r * sum(g d) / M``.
+(``xhat c2 = b1 (d - mu)``.) This module and the generic path evaluate the
+first form: NumPy with ``xhat c2`` as ``(x - mean) * (rstd c2)``, from the
+``mean``/``rstd`` its forward saved (or recomputes); the C++ kernel the
+second, with ``d``, ``mu``, ``sum(g)`` and ``sum(g d)`` from one fused pass
+over ``(g, x)`` (it saves no statistics), keeping ``k`` apart from ``b0``,
+``b1`` because their products underflow float32 for data around 1e30.
 
-Two implementations
--------------------
-This module is the NumPy implementation: the Python backend's kernel and
-the tests' oracle. The compiled backend's kernel,
-``mx_instnorm/kernel/instance_norm.cc``, computes the same formulas with
-the same symbol names (``K``, ``d``, ``mu``, ``rstd``, ``k``, ``c1``,
-``c2``); there each instance's statistics are reduced in cache-sized
-chunks, two-pass within a chunk, merged with Chan's formula in double, and
-backward recomputes them in its fused pass over ``(dy, x)`` instead of
-receiving them.
+Three implementations
+---------------------
+This module is the Python backend's CPU kernel. The compiled backend's
+kernel, ``mx_instnorm/kernel/instance_norm.cc``, and the generic ``mx.nd``
+path, :mod:`mx_instnorm.operator.generic`, compute the formulas above with
+the symbols above. None is the others' reference: the tests compare each
+with float64 NumPy written in the tests, with MXNet's built-in operator and
+with finite differences.
 
 Determinism
 -----------
@@ -419,7 +469,7 @@ def _block_stats(xb, red, eps, acc):
     first = xb[:, :1] if red == 1 else xb[:1, :]
     d = _scratch(0, xb.shape, acc)
     np.subtract(xb, first, out=d, dtype=acc)
-    shift = first.astype(acc).ravel()
+    K = first.astype(acc).ravel()
     mu = _isum(d, red) / m
     var = _idot(d, d, red) / m
     var -= mu * mu
@@ -448,14 +498,14 @@ def _block_stats(xb, red, eps, acc):
         else:
             d[:, idx] -= mu[idx]
             var[idx] = np.einsum("ij,ij->j", d[:, idx], d[:, idx]) / m
-        shift[idx] += mu[idx]
+        K[idx] += mu[idx]
         mu[idx] = 0
     var += eps
     rstd = np.sqrt(var, out=var)
     np.divide(1, rstd, out=rstd)
     if bad is not None:
         rstd[bad] = 0
-    return d, mu, shift + mu, rstd
+    return d, mu, K + mu, rstd
 
 
 def _put(dst, src, req):
@@ -489,28 +539,29 @@ def _forward_block(xb, yb, red, gam, bet, eps, acc, y_req):
 def _backward_block(xb, gb, dxb, red, gam, mean, rstd, acc, dx_req):
     """Returns per-instance ``(sum g, sum g x_hat)`` and writes dx."""
     m = xb.shape[red]
-    d = _scratch(0, xb.shape, acc)
-    np.subtract(xb, _keep(mean, red), out=d, dtype=acc)
+    # xc = x - mean = d - mu (this path has mean, not K, from its forward)
+    xc = _scratch(0, xb.shape, acc)
+    np.subtract(xb, _keep(mean, red), out=xc, dtype=acc)
     if gb.dtype != acc:
         g = _scratch(1, gb.shape, acc)
         np.copyto(g, gb)
     else:
         g = gb
     sum_g = _isum(g, red)
-    sum_gxhat = _idot(g, d, red)
+    sum_gxhat = _idot(g, xc, red)
     sum_gxhat *= rstd
     if dxb is None:
         return sum_g, sum_gxhat
-    # dx = k (g - c1 - x_hat c2), with x_hat c2 = d (r c2)
-    d *= _keep(rstd * (sum_gxhat / m), red)
-    np.subtract(g, d, out=d)
-    d -= _keep(sum_g / m, red)
+    # dx = k (g - c1 - xhat c2), with xhat c2 = xc (rstd c2)
+    xc *= _keep(rstd * (sum_gxhat / m), red)
+    np.subtract(g, xc, out=xc)
+    xc -= _keep(sum_g / m, red)
     k = _keep(gam * rstd, red)
     if dx_req == "write":
-        np.multiply(d, k, out=dxb, casting="unsafe")
+        np.multiply(xc, k, out=dxb, casting="unsafe")
     else:
-        d *= k
-        _put(dxb, d, dx_req)
+        xc *= k
+        _put(dxb, xc, dx_req)
     return sum_g, sum_gxhat
 
 
@@ -526,10 +577,11 @@ def _backward_block(xb, gb, dxb, red, gam, mean, rstd, acc, dx_req):
 def _scaled_stats(rows, eps, acc):
     """``(x_hat, mean, rstd)`` of the instances ``rows`` (k, M).
 
-    Each row is scaled by ``2**-e`` with ``2**(e-1) <= max|x| < 2**e``
-    (exact), normalized with the shifted two-pass maths, and the statistics
-    scaled back: ``mean = 2**e mean_s``, ``rstd = 2**-e / sqrt(var_s + eps
-    4**-e)``. Rows holding inf or NaN give NaN, as elsewhere.
+    The module docstring's overflow strategy: each row is scaled by
+    ``s = 2**-e`` with ``2**(e-1) <= max|x| < 2**e`` (exact), normalized
+    with the shifted two-pass maths, and the statistics scaled back:
+    ``mean = (K_s + mu_s) / s``, ``rstd = s / sqrt(var_s + eps s**2)``.
+    Rows holding inf or NaN give NaN, as elsewhere.
     """
     with np.errstate(all="ignore"):
         xs = rows.astype(acc)
@@ -537,15 +589,15 @@ def _scaled_stats(rows, eps, acc):
         e = np.frexp(top)[1].astype(np.int64)
         e[~np.isfinite(top)] = 0
         xs = np.ldexp(xs, -e[:, None]).astype(acc, copy=False)
-        shift = xs[:, :1].copy()
-        xs -= shift
+        K = xs[:, :1].copy()
+        xs -= K
         mu = xs.mean(axis=1, keepdims=True)
         xs -= mu
         var_s = np.square(xs).mean(axis=1)
         eps_s = np.ldexp(np.full(len(e), eps, acc), -2 * e).astype(acc, copy=False)
         rstd_s = 1 / np.sqrt(var_s + eps_s)
         xs *= rstd_s[:, None]
-        mean = np.ldexp((shift + mu).ravel(), e).astype(acc, copy=False)
+        mean = np.ldexp((K + mu).ravel(), e).astype(acc, copy=False)
         rstd = np.ldexp(rstd_s, -e).astype(acc, copy=False)
     return xs, mean, rstd
 
@@ -581,8 +633,8 @@ _RED = (1, 3)
 def _small_forward(x4, gam, bet, eps, acc, want_y):
     """``(y, mean, rstd)``; ``y`` in ``acc`` (or None), for the caller to put."""
     m = x4.shape[1] * x4.shape[3]
-    shift = x4[:, :1, :, :1].astype(acc)
-    d = np.subtract(x4, shift, dtype=acc)
+    K = x4[:, :1, :, :1].astype(acc)
+    d = np.subtract(x4, K, dtype=acc)
     mu = d.sum(axis=_RED, keepdims=True)
     mu /= m
     d -= mu
@@ -598,7 +650,7 @@ def _small_forward(x4, gam, bet, eps, acc, want_y):
         d *= gam[:, None] * rstd
         d += bet[:, None]
         y = d
-    return y, (shift + mu).reshape(-1), rstd.reshape(-1)
+    return y, (K + mu).reshape(-1), rstd.reshape(-1)
 
 
 @_overflow_expected
@@ -615,7 +667,7 @@ def _small_backward(x4, g4, gam, mean, rstd, acc, want_dx):
     sum_gxhat = (g * xhat).sum(axis=_RED, keepdims=True)
     dx = None
     if want_dx:
-        # dx = k (g - c1 - x_hat c2)
+        # dx = k (g - c1 - xhat c2)
         xhat *= sum_gxhat / m
         g -= xhat
         g -= sum_g / m

@@ -1,67 +1,82 @@
-"""The one place that decides which backend computes InstanceNorm.
+"""The one place that decides which implementation computes InstanceNorm.
 
-Two backends compute the same function with the same maths (derived once,
-in :mod:`mx_instnorm.kernel.instance_norm`):
+Three implementations compute the same function with the same maths
+(derived once, in :mod:`mx_instnorm.kernel.instance_norm`):
 
 * ``'compiled'``: the C++ operator of ``libmx_instnorm.so``, built by
   ``pip install`` against the installed MXNet and registered with
-  ``mx.library.load`` under the name :data:`COMPILED_OP`;
-* ``'python'``: the Python ``CustomOp`` registered under ``OP_TYPE``, with
-  the NumPy kernel on CPU and ``mx.nd`` operators on other contexts.
+  ``mx.library.load`` under the name :data:`mx_instnorm.COMPILED_OP`
+  (CPU only);
+* ``'numpy'``: the Python ``CustomOp`` registered under ``OP_TYPE``, with
+  the NumPy kernel on views of the CPU arrays' own memory;
+* ``'generic'``: the same ``CustomOp`` computing with ``mx.nd`` operators
+  on the arrays' own context (:mod:`.generic`); what a GPU runs.
 
-``MX_INSTNORM_BACKEND`` picks one: ``auto`` (the default: compiled when
-the library loads, python otherwise), ``compiled`` (an error when it cannot
-load) or ``python``. It is read on every call, so a process may switch; a
-hybridized block keeps the backend its graph was built with until it is
-rebuilt (``block.hybridize()`` or a new input layout).
+:func:`implementation` answers "which one computes this call"; everything
+else (the nd/sym functions, the CustomOp's ``create_operator``, the Gluon
+block's graph cache) asks it. Two environment variables steer it, read on
+every call, so a process may switch (a hybridized block keeps the graph it
+built until it is rebuilt: ``block.hybridize()`` or a new input layout):
+
+* ``MX_INSTNORM_BACKEND``: ``auto`` (the default: compiled when the library
+  loads, the CustomOp otherwise), ``compiled`` (an error when it cannot
+  load) or ``python`` (the CustomOp);
+* ``MX_INSTNORM_PATH``: ``auto`` (the default), ``fast`` or ``generic``:
+  within the CustomOp, ``generic`` computes with ``mx.nd`` on CPU too.
 
 The compiled operator has a CPU implementation only: nd calls on other
-contexts always run the Python ``CustomOp``, whose generic path computes
-with ``mx.nd`` operators on the data's own context. A graph built for a GPU
-needs ``MX_INSTNORM_BACKEND=python``.
+contexts always run the CustomOp's generic path. A graph is built without
+knowing where it will run, as for CPU; a graph for a GPU needs
+``MX_INSTNORM_BACKEND=python``.
+
+Examples
+--------
+>>> from mx_instnorm.operator.backend import implementation
+>>> implementation("gpu")
+'generic'
+>>> implementation("cpu", custom_op=True) in ("numpy", "generic")
+True
+>>> implementation("cpu") in ("compiled", "numpy", "generic")
+True
 """
 import os
 
-__all__ = ["BACKENDS", "backend", "backend_reason", "compiled_op", "use_compiled"]
+from . import compiled
+
+__all__ = ["BACKENDS", "PATHS", "IMPLEMENTATIONS", "implementation", "backend",
+           "backend_reason", "compiled_op", "use_compiled"]
 
 BACKENDS = ("auto", "compiled", "python")
+PATHS = ("auto", "fast", "generic")
+IMPLEMENTATIONS = ("compiled", "numpy", "generic")
 _ENV = "MX_INSTNORM_BACKEND"
+_PATH_ENV = "MX_INSTNORM_PATH"
+_CPU = ("cpu", "cpu_pinned", "cpu_shared")
 
-# (operator name or None, reason it is unavailable or None); set once.
-_loaded = None
 
-
-def _requested():
-    choice = os.environ.get(_ENV, "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
+def _choice(env, allowed):
+    value = os.environ.get(env, "auto").strip().lower() or "auto"
+    if value not in allowed:
         raise ValueError("%s must be one of %s, got %r"
-                         % (_ENV, ", ".join(BACKENDS), os.environ.get(_ENV)))
-    return choice
-
-
-def _load():
-    global _loaded
-    if _loaded is None:
-        try:
-            from . import compiled
-        except ImportError as err:  # a partial source tree
-            _loaded = (None, "its loader does not import: %s" % err)
-            return _loaded
-        try:
-            _loaded = (compiled.load(), None)
-        except compiled.CompiledUnavailable as err:
-            _loaded = (None, str(err))
-    return _loaded
+                         % (env, ", ".join(allowed), os.environ.get(env)))
+    return value
 
 
 def compiled_op():
     """The compiled operator's registered name, loading the library on first
-    use; None when it cannot be loaded (see :func:`backend_reason`)."""
-    return _load()[0]
+    use; None when it cannot be loaded (see :func:`backend_reason`).
+
+    >>> from mx_instnorm.operator.backend import compiled_op
+    >>> compiled_op() in (None, 'mx_instnorm_InstanceNorm')
+    True
+    """
+    return compiled.status()[0]
 
 
 def backend():
-    """``'compiled'`` or ``'python'``: the backend used for CPU arrays now.
+    """``'compiled'`` or ``'python'``: the backend that builds graphs and
+    computes CPU arrays now (the ``MX_INSTNORM_BACKEND`` part of
+    :func:`implementation`).
 
     Raises
     ------
@@ -78,10 +93,10 @@ def backend():
     >>> mx_instnorm.backend() in ('compiled', 'python')
     True
     """
-    choice = _requested()
+    choice = _choice(_ENV, BACKENDS)
     if choice == "python":
         return "python"
-    name, reason = _load()
+    name, reason = compiled.status()
     if name is None:
         if choice == "compiled":
             raise RuntimeError("%s=compiled, but mx_instnorm's compiled operator is "
@@ -90,9 +105,46 @@ def backend():
     return "compiled"
 
 
-def use_compiled():
-    """Whether CPU work goes to the compiled operator now (see :func:`backend`)."""
-    return backend() == "compiled"
+def implementation(device_type=None, custom_op=False):
+    """Which implementation computes a call: ``'compiled'``, ``'numpy'`` or
+    ``'generic'``.
+
+    Parameters
+    ----------
+    device_type : str or None
+        The data's ``context.device_type`` (``'cpu'``, ``'gpu'``, ...);
+        None for a graph, whose context is not known when it is built
+        (treated as CPU).
+    custom_op : bool
+        True where the CustomOp already runs (its ``create_operator``: a
+        graph built on the Python backend, or converted with
+        :func:`mx_instnorm.to_custom`): only ``'numpy'`` or ``'generic'``.
+
+    Raises
+    ------
+    ValueError
+        ``MX_INSTNORM_BACKEND`` or ``MX_INSTNORM_PATH`` holds an unknown
+        value (``MX_INSTNORM_PATH`` is read only where the CustomOp runs).
+    RuntimeError
+        ``MX_INSTNORM_BACKEND=compiled`` and the library cannot be loaded.
+
+    Examples
+    --------
+    >>> from mx_instnorm.operator.backend import implementation
+    >>> implementation("gpu")
+    'generic'
+    """
+    cpu = device_type is None or device_type in _CPU
+    if cpu and not custom_op and backend() == "compiled":
+        return "compiled"
+    if not cpu or _choice(_PATH_ENV, PATHS) == "generic":
+        return "generic"
+    return "numpy"
+
+
+def use_compiled(device_type=None):
+    """Whether :func:`implementation` picks the compiled operator."""
+    return implementation(device_type) == "compiled"
 
 
 def backend_reason():
@@ -104,11 +156,10 @@ def backend_reason():
     >>> isinstance(mx_instnorm.backend_reason(), str)
     True
     """
-    choice = _requested()
+    choice = _choice(_ENV, BACKENDS)
     if choice == "python":
         return "%s=python forces the Python CustomOp" % _ENV
-    name, reason = _load()
+    name, reason = compiled.status()
     if name is None:
         return "the compiled operator is not available: %s" % reason
-    from . import compiled
     return "compiled operator %s loaded from %s" % (name, compiled.library_path())

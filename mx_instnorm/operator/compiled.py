@@ -21,7 +21,7 @@ import re
 import sys
 import threading
 
-__all__ = ["OP_NAME", "LIBRARY_NAME", "CompiledUnavailable", "library_path", "load"]
+__all__ = ["OP_NAME", "LIBRARY_NAME", "CompiledUnavailable", "library_path", "load", "status"]
 
 OP_NAME = "mx_instnorm_InstanceNorm"
 LIBRARY_NAME = "libmx_instnorm.so"
@@ -147,6 +147,20 @@ def _load_unlocked():
     if not hasattr(mx.nd, OP_NAME) or not hasattr(mx.sym, OP_NAME):
         raise CompiledUnavailable("%s loaded but registered no %s operator" % (path, OP_NAME))
     return OP_NAME
+
+
+def status():
+    """``(name, None)`` once the library is registered, ``(None, reason)``
+    when it cannot be: :func:`load`'s one cached result, without raising.
+    The only cache of the load; :mod:`.backend` asks it on every call."""
+    result = _result
+    if result is None:
+        try:
+            load()
+        except CompiledUnavailable:
+            pass
+        result = _result
+    return (result[1], None) if result[0] == "ok" else (None, result[1])
 
 
 def load():

@@ -3,88 +3,38 @@
 ``InstanceNormProp`` parses its string keywords strictly, infers the shapes
 (``gamma``/``beta`` get ``(C,)`` from the data, which Gluon's deferred
 initialization relies on) and dtypes of every argument, and declares that
-backward needs only ``dy``, ``x`` and ``gamma``. ``InstanceNormOp`` runs one
-of two paths:
+backward needs only ``dy``, ``x`` and ``gamma``. ``InstanceNormOp`` runs
+what :func:`mx_instnorm.operator.backend.implementation` picks for its
+context when it is created:
 
-* ``fast`` (CPU arrays): NumPy views of the NDArrays' own memory are handed
-  to :mod:`mx_instnorm.kernel`, which writes outputs and gradients in place,
-  honouring ``req``;
-* ``generic`` (any context): the same maths in ``mx.nd`` operators on the
-  arrays' own context; this is what a GPU build runs.
+* ``'numpy'`` (CPU arrays): NumPy views of the NDArrays' own memory are
+  handed to :mod:`mx_instnorm.kernel`, which writes outputs and gradients
+  in place, honouring ``req``;
+* ``'generic'`` (any context): :mod:`.generic`, the same maths in ``mx.nd``
+  operators on the arrays' own context; what a GPU runs, and CPU too with
+  ``MX_INSTNORM_PATH=generic`` (tests check both paths against the same
+  references).
 
-``MX_INSTNORM_PATH=generic`` forces the generic path on CPU too (tests use
-it to check both paths against the same references).
-
-The per-instance ``mean``/``rstd`` the fast forward computes are kept on the
-Op instance (a few bytes per instance, never an output) together with the
-address of the data they came from; backward reuses them when it sees the
-same data address and recomputes them otherwise.
+The per-instance ``mean``/``rstd`` the NumPy forward computes are kept on
+the Op instance (a few bytes per instance, never an output) together with
+the address of the data they came from; backward reuses them when it sees
+the same data address and recomputes them otherwise.
 """
 import atexit
-import os
 
 import mxnet as mx
 import numpy as np
 from mxnet.ndarray.ndarray import _DTYPE_MX_TO_NP
 
 from .. import kernel
-from . import _params
+from . import _params, generic
 from ._errors import record_errors
 from ._ndview import numpy_view
+from .backend import implementation
 
-__all__ = ["OP_TYPE", "InstanceNormOp", "InstanceNormProp", "selected_path"]
+__all__ = ["OP_TYPE", "InstanceNormOp", "InstanceNormProp"]
 
 OP_TYPE = "mx_instnorm.InstanceNorm"
-
-_PATHS = ("auto", "fast", "generic")
-
-
-def selected_path(ctx_device_type):
-    """``'fast'`` or ``'generic'`` for a context, honouring MX_INSTNORM_PATH."""
-    choice = os.environ.get("MX_INSTNORM_PATH", "auto").strip().lower() or "auto"
-    if choice not in _PATHS:
-        raise ValueError("MX_INSTNORM_PATH must be one of %s, got %r"
-                         % (", ".join(_PATHS), choice))
-    if choice == "generic" or ctx_device_type not in ("cpu", "cpu_pinned", "cpu_shared"):
-        return "generic"
-    return "fast"
-
-
-# ------------------------------------------------------------ generic path --
-
-def _reduce_axes(ndim, axis):
-    return tuple(i for i in range(1, ndim) if i != axis)
-
-
-def _param_shape(ndim, axis, channels):
-    shape = [1] * ndim
-    shape[axis] = channels
-    return tuple(shape)
-
-
-def _generic_centered(x, eps, red):
-    """``(x - mean, rstd)`` with mx.nd ops, shifted two-pass like the kernel.
-
-    One small synchronous read of the per-instance variances decides whether
-    any overflowed; only then are those instances recomputed scaled."""
-    if x.dtype == np.float16:
-        x = x.astype(np.float32)
-    shift = x
-    for a in red:
-        shift = mx.nd.slice_axis(shift, axis=a, begin=0, end=1)
-    d = mx.nd.broadcast_sub(x, shift)
-    d = mx.nd.broadcast_sub(d, mx.nd.mean(d, axis=red, keepdims=True))
-    var = mx.nd.mean(mx.nd.square(d), axis=red, keepdims=True)
-    finite = np.isfinite(var.asnumpy())
-    if finite.all():
-        return d, mx.nd.rsqrt(var + eps)
-    # d * d overflowed (data beyond about 1e19 in float32): those instances
-    # are scaled by their max |d| first, rstd = 1 / (s sqrt(var_s + eps/s^2)).
-    finite = mx.nd.array(finite, ctx=var.context, dtype=var.dtype)
-    scale = mx.nd.where(finite, mx.nd.ones_like(var),
-                        mx.nd.max(mx.nd.abs(d), axis=red, keepdims=True))
-    var_s = mx.nd.mean(mx.nd.square(mx.nd.broadcast_div(d, scale)), axis=red, keepdims=True)
-    return d, 1 / (scale * mx.nd.sqrt(var_s + eps / mx.nd.square(scale)))
 
 
 class InstanceNormOp(mx.operator.CustomOp):
@@ -100,7 +50,7 @@ class InstanceNormOp(mx.operator.CustomOp):
         self._path = path
         self._saved = None
 
-    # -- fast path ---------------------------------------------------------
+    # -- numpy path --------------------------------------------------------
     # The arrays MXNet hands a CustomOp on a CPU context are dense and in the
     # plain layout (our Prop declares no sparse storage), so the path chosen
     # from the context in create_operator holds for every call.
@@ -108,7 +58,7 @@ class InstanceNormOp(mx.operator.CustomOp):
         return numpy_view(arr, self._shapes[which], self._dtypes[which])
 
     def forward(self, is_train, req, in_data, out_data, aux):
-        if self._path == "fast":
+        if self._path == "numpy":
             x = self._view(in_data[0], 0)
             y = None if req[0] == "null" else self._view(out_data[0], 0)
             _, mean, rstd = kernel.instance_norm_forward(
@@ -123,7 +73,7 @@ class InstanceNormOp(mx.operator.CustomOp):
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
         if all(r == "null" for r in req):
             return
-        if self._path == "fast":
+        if self._path == "numpy":
             x = self._view(in_data[0], 0)
             mean = rstd = None
             saved = self._saved
@@ -141,48 +91,22 @@ class InstanceNormOp(mx.operator.CustomOp):
     # -- generic path ------------------------------------------------------
     def _generic_forward(self, req, in_data, out_data):
         x, gamma, beta = in_data
-        shape = self._shapes[0]
-        if int(np.prod(shape)) == 0:
+        if 0 in self._shapes[0]:
             return
-        ndim, axis = len(shape), self._axis
-        pshape = _param_shape(ndim, axis, shape[axis])
-        d, rstd = _generic_centered(x, self._eps, _reduce_axes(ndim, axis))
-        acc = d.dtype
-        y = mx.nd.broadcast_add(
-            mx.nd.broadcast_mul(mx.nd.broadcast_mul(d, rstd),
-                                gamma.astype(acc).reshape(pshape)),
-            beta.astype(acc).reshape(pshape))
+        y = generic.forward(x, gamma, beta, self._eps, self._axis)
         self.assign(out_data[0], req[0], y.astype(self._dtypes[0]))
 
     def _generic_backward(self, req, out_grad, in_data, in_grad):
-        x, gamma = in_data[0], in_data[1]
-        shape = self._shapes[0]
-        ndim, axis = len(shape), self._axis
-        if int(np.prod(shape)) == 0:
+        if 0 in self._shapes[0]:
             for r, g in zip(req[1:], in_grad[1:]):
                 if r in ("write", "inplace"):
                     g[:] = 0
             return
-        red = _reduce_axes(ndim, axis)
-        pshape = _param_shape(ndim, axis, shape[axis])
-        d, rstd = _generic_centered(x, self._eps, red)
-        acc = d.dtype
-        g = out_grad[0].astype(acc)
-        xhat = mx.nd.broadcast_mul(d, rstd)
-        c1 = mx.nd.mean(g, axis=red, keepdims=True)
-        c2 = mx.nd.mean(g * xhat, axis=red, keepdims=True)
-        if req[0] != "null":
-            k = mx.nd.broadcast_mul(gamma.astype(acc).reshape(pshape), rstd)
-            dx = mx.nd.broadcast_mul(
-                k, mx.nd.broadcast_sub(g, c1) - mx.nd.broadcast_mul(xhat, c2))
-            self.assign(in_grad[0], req[0], dx.astype(self._dtypes[0]))
-        param_axes = tuple(i for i in range(ndim) if i != axis)
-        if req[1] != "null":
-            self.assign(in_grad[1], req[1],
-                        mx.nd.sum(g * xhat, axis=param_axes).astype(self._dtypes[1]))
-        if req[2] != "null":
-            self.assign(in_grad[2], req[2],
-                        mx.nd.sum(g, axis=param_axes).astype(self._dtypes[2]))
+        grads = generic.backward(out_grad[0], in_data[0], in_data[1], self._eps,
+                                 self._axis, want=[r != "null" for r in req])
+        for i, grad in enumerate(grads):
+            if grad is not None:
+                self.assign(in_grad[i], req[i], grad.astype(self._dtypes[i]))
 
 
 class InstanceNormProp(mx.operator.CustomOpProp):
@@ -263,7 +187,7 @@ class InstanceNormProp(mx.operator.CustomOpProp):
         self._raise_bad_keyword()
         device_type = str(ctx).split("(")[0]
         return InstanceNormOp(self.eps, self.axis, in_shapes, in_dtypes,
-                              selected_path(device_type))
+                              implementation(device_type, custom_op=True))
 
 
 _registered = False

@@ -1,5 +1,5 @@
-"""``InstanceNorm`` as nd and sym functions, on the backend that
-:mod:`.backend` picks.
+"""``InstanceNorm`` as nd and sym functions, on the implementation that
+:func:`.backend.implementation` picks.
 
 Both validate what they can see before anything runs (eps, axis, and for
 NDArrays shapes and dtypes), so bad input raises a clear ``ValueError`` or
@@ -133,13 +133,14 @@ def instance_norm(F, data, gamma, beta, eps, axis, name=None, out=None,
                   rank=None, empty=False, data_leaf=None):
     """The graph fragment, for ``F`` = ``mx.nd`` or ``mx.sym`` (no checks).
 
-    The backend is :func:`mx_instnorm.backend` for CPU NDArrays and for
-    graphs; NDArrays on other contexts take the Python CustomOp. ``rank``
+    :func:`.backend.implementation` picks the operator: for a graph
+    (``F`` is ``mx.sym``) as for CPU, for NDArrays from their context.
+    ``rank``
     and ``empty`` describe the data where known (they pick the Python
     backend's input guard in a graph); ``data_leaf`` whether the NDArray a
     graph input stands for has a gradient buffer (None: unknown).
     """
-    if (F is not mx.nd or data.context.device_type == "cpu") and backend.use_compiled():
+    if backend.use_compiled(data.context.device_type if F is mx.nd else None):
         return _compiled(F, data, gamma, beta, eps, axis, name, out, data_leaf)
     return _custom(F, data, gamma, beta, eps, axis, name, out, rank, empty)
 
@@ -193,10 +194,8 @@ def nd_instance_norm(data, gamma, beta, eps=1e-3, axis=1, out=None, name=None):
     """
     eps = _params.parse_eps(eps)
     axis = _params.parse_axis(axis)
-    compiled = (out is None and type(data) is _NDArray and type(gamma) is _NDArray
-                and type(beta) is _NDArray and backend.use_compiled()
-                and data.context.device_type == "cpu")
-    if compiled:
+    if (out is None and type(data) is _NDArray and type(gamma) is _NDArray
+            and type(beta) is _NDArray and backend.use_compiled(data.context.device_type)):
         # Tiny calls notice every C API round trip (~1 us each): the library
         # validates shapes and dtypes itself, so they are checked here only
         # when it refuses, to raise the ValueError/TypeError the Python
@@ -222,7 +221,7 @@ def nd_instance_norm(data, gamma, beta, eps=1e-3, axis=1, out=None, name=None):
         # MXNet's legacy shape rules read a 0 as "unknown" and no operator
         # can run on such an array; the result of an empty batch is empty.
         return out if out is not None else mx.nd.empty(shape, dtype=dtype)
-    if data.context.device_type == "cpu" and backend.use_compiled():
+    if backend.use_compiled(data.context.device_type):
         # The library's own errors carry its message already.
         return _compiled(mx.nd, data, gamma, beta, eps, axis, name, out)
     with explain_errors():
