@@ -288,7 +288,7 @@ def test_raw_custom_unknown_keyword_does_not_kill_the_process():
 
 
 def test_raw_custom_unknown_keyword_message(rng, usable):
-    from mx_instnorm.operator._errors import explain_errors
+    from mx_instnorm import explain_errors
     with pytest.raises(MXNetError, match=re.escape(
             "TypeError: mx_instnorm.InstanceNorm got unknown keywords epsilon='1e-5', "
             "zeta='2'; accepted keywords: eps, axis")) as info:
@@ -330,7 +330,7 @@ def _raw_sym(**kwargs):
 @pytest.mark.parametrize("shapes,kwargs,message", SYM_BIND_CASES,
                          ids=[c[2][:20] for c in SYM_BIND_CASES])
 def test_explain_errors_sym_bind(usable, shapes, kwargs, message):
-    from mx_instnorm.operator._errors import explain_errors
+    from mx_instnorm import explain_errors
     s = _raw_sym(**kwargs)
     # simple_bind re-raises MXNet's error as a plain RuntimeError: same class.
     with pytest.raises(RuntimeError, match=r"^ValueError: .*" + re.escape(message)):
@@ -345,7 +345,7 @@ def test_explain_errors_sym_bind(usable, shapes, kwargs, message):
      "gamma/beta dtype float32 does not match data dtype float64"),
 ], ids=["int32", "mismatch"])
 def test_explain_errors_infer_type(usable, types, message):
-    from mx_instnorm.operator._errors import explain_errors
+    from mx_instnorm import explain_errors
     s = _raw_sym()
     with pytest.raises(MXNetError, match=r"^TypeError: .*" + re.escape(message)):
         with explain_errors():
@@ -357,7 +357,7 @@ def test_explain_errors_create_operator(rng, monkeypatch, usable):
     """create_operator runs in the calling thread too (an imperative call
     creates its operator before returning): a bad MX_INSTNORM_PATH reaches
     the exception."""
-    from mx_instnorm.operator._errors import explain_errors
+    from mx_instnorm import explain_errors
     monkeypatch.setenv("MX_INSTNORM_PATH", "bogus")
     with pytest.raises(MXNetError, match=r"^ValueError: MX_INSTNORM_PATH must be one of "
                                          r"auto, fast, generic, got 'bogus' \(raised by "
@@ -372,7 +372,7 @@ def test_explain_errors_create_operator(rng, monkeypatch, usable):
 def test_explain_errors_leaves_other_errors_alone(rng):
     """An MXNetError of another operator, with nothing recorded by ours,
     passes through unchanged, as does any other exception."""
-    from mx_instnorm.operator._errors import explain_errors
+    from mx_instnorm import explain_errors
     with pytest.raises(MXNetError) as info:
         with explain_errors():
             mx.nd.dot(_arr(rng, (2, 3)), _arr(rng, (4, 5))).wait_to_read()
@@ -392,7 +392,7 @@ def test_explain_errors_leaves_other_errors_alone(rng):
 
 
 def test_explain_errors_is_a_decorator_and_nests(rng):
-    from mx_instnorm.operator._errors import explain_errors
+    from mx_instnorm import explain_errors
 
     @explain_errors()
     def bind():
