@@ -13,7 +13,10 @@ import pytest
 MODULES = [
     "mx_instnorm.kernel.instance_norm",
     "mx_instnorm.operator._params",
+    "mx_instnorm.operator.backend",
+    "mx_instnorm.operator.generic",
     "mx_instnorm.operator.functions",
+    "mx_instnorm.integration.patch",
     "mx_instnorm.gluon.instance_norm",
     "mx_instnorm_numpy_compat",
 ]
