@@ -41,6 +41,44 @@ TOL = {
 # more on gradients, which sum over whole instances.
 BUILTIN_TOL = dict(rtol=1e-4, atol=1e-4)
 
+# float32 results after several float32 stages (two layers, a graph bound
+# by a Module or a SymbolBlock, gradients summed over two passes, a forked
+# child, MXNet's np-shape mode) against a float64 reference: each stage's
+# rounding carries into the next, as with the built-in.
+CHAIN_TOL = dict(rtol=1e-4, atol=1e-4)
+
+# The same float32 computation by two routes (imperative and hybridized, a
+# parameter file's round trip, a swap there and back): only the order of
+# operations differs.
+SAME_TOL = dict(rtol=1e-6, atol=1e-6)
+
+# float64 analytic gradients against central differences with step 1e-6
+# (truncation ~h^2, cancellation ~1e-16/h: both far below these).
+FD_TOL = dict(rtol=1e-5, atol=1e-7)
+# The same on a large tensor with step 1e-5, one coordinate at a time: dx
+# entries are small differences of large sums; dgamma/dbeta are not.
+FD_LARGE_TOL = {"x": dict(rtol=1e-4, atol=1e-6), "params": dict(rtol=1e-6, atol=1e-6)}
+
+# Data with an offset of 1e3 and outliers: the float32 input itself carries
+# about 6e-5 absolute rounding, so y's error is bounded by the deviations'
+# relative precision (absolute); the instance means must be near exact.
+OFFSET_TOL = {
+    np.dtype(np.float32): dict(y=dict(rtol=0, atol=1e-4), mean=dict(rtol=1e-6)),
+    np.dtype(np.float64): dict(y=dict(rtol=0, atol=1e-10), mean=dict(rtol=1e-12)),
+}
+
+# The documented example outputs are printed with 5 decimals and carry the
+# built-in's float32 noise.
+DOC_ATOL = 5e-7
+
+
+def scaled(tolerance, want):
+    """``tolerance`` with its ``atol`` scaled by the reference's largest
+    magnitude (at least 1): for values well above O(1), such as outputs of
+    convolutions."""
+    scale = max(1.0, float(np.abs(np.asarray(want, np.float64)).max()))
+    return dict(tolerance, atol=tolerance["atol"] * scale)
+
 # Shapes (rank 3 to 5, odd sizes) with a channel axis each.
 SHAPES_AXES = [
     ((3, 5, 7), 1),

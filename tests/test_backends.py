@@ -18,7 +18,7 @@ import pytest
 
 import mx_instnorm
 from mx_instnorm.gluon import InstanceNorm
-from conftest import random_inputs, ref_forward
+from conftest import CHAIN_TOL, assert_close, random_inputs, ref_backward, ref_forward
 
 COMPILED_AVAILABLE = mx_instnorm.operator.backend.compiled_op() is not None
 needs_compiled = pytest.mark.skipif(not COMPILED_AVAILABLE, reason="compiled backend "
@@ -71,6 +71,32 @@ def test_invalid_value_is_named():
     assert proc.returncode == 0, proc.stderr
     assert "ERR MX_INSTNORM_BACKEND must be one of auto, compiled, python, got 'cuda'" \
         in proc.stdout
+
+
+def test_implementation_rules(monkeypatch):
+    """The one choice: compiled for CPU calls and graphs on the compiled
+    backend, the CustomOp's numpy path on CPU otherwise, generic for other
+    contexts and under MX_INSTNORM_PATH=generic."""
+    impl = mx_instnorm.operator.implementation
+    monkeypatch.setenv("MX_INSTNORM_BACKEND", "python")
+    monkeypatch.delenv("MX_INSTNORM_PATH", raising=False)
+    assert [impl("cpu"), impl(None), impl("cpu_pinned"), impl("gpu")] == \
+        ["numpy", "numpy", "numpy", "generic"]
+    monkeypatch.setenv("MX_INSTNORM_PATH", "fast")
+    assert impl("cpu") == "numpy" and impl("gpu") == "generic"
+    monkeypatch.setenv("MX_INSTNORM_PATH", "generic")
+    assert impl("cpu") == "generic" and impl("cpu", custom_op=True) == "generic"
+    monkeypatch.setenv("MX_INSTNORM_PATH", "bogus")
+    with pytest.raises(ValueError, match="MX_INSTNORM_PATH must be one of auto, fast, generic"):
+        impl("cpu")
+    if not COMPILED_AVAILABLE:
+        return
+    monkeypatch.setenv("MX_INSTNORM_BACKEND", "auto")
+    # The CustomOp's path is not read where the compiled operator computes.
+    assert impl("cpu") == impl(None) == "compiled"
+    monkeypatch.delenv("MX_INSTNORM_PATH")
+    assert impl("gpu") == "generic" and impl("cpu", custom_op=True) == "numpy"
+    assert mx_instnorm.backend() == "compiled"
 
 
 # The library made unloadable from outside: a copy of the package whose .so
@@ -139,8 +165,9 @@ def test_compiled_forced_without_library_raises(package_without_library):
 # --------------------------------------------------------------- graphs --
 
 def _exported(tmp_path, rng, backend):
-    """A conv + our block (axis 1) + our block (axis -1) network exported on
-    ``backend``; returns (prefix, x, expected y) with a float64 reference."""
+    """A network of our block (axis 1) and our block (axis -1) exported on
+    ``backend``; returns (prefix, x, expected y, the first block's (gamma, beta))
+    with a float64 reference."""
     os.environ["MX_INSTNORM_BACKEND"] = backend
     try:
         net = mx.gluon.nn.HybridSequential(prefix="net_")
@@ -159,7 +186,7 @@ def _exported(tmp_path, rng, backend):
         del os.environ["MX_INSTNORM_BACKEND"]
     y = ref_forward(x, g, b, 1e-3, 1)[0]
     y = ref_forward(y, np.ones(5), np.zeros(5), 1e-2, -1)[0]
-    return prefix, x, y
+    return prefix, x, y, (g, b)
 
 
 def _ops(symbol):
@@ -168,7 +195,7 @@ def _ops(symbol):
 
 @needs_compiled
 def test_to_custom_and_back(rng, tmp_path):
-    prefix, x, want = _exported(tmp_path, rng, "compiled")
+    prefix, x, want, _ = _exported(tmp_path, rng, "compiled")
     custom = mx_instnorm.to_custom(prefix + "-symbol.json")
     assert _ops(custom).count("Custom") == 2 and mx_instnorm.COMPILED_OP not in _ops(custom)
     compiled = mx_instnorm.to_compiled(custom)
@@ -180,12 +207,12 @@ def test_to_custom_and_back(rng, tmp_path):
         args = {k[4:]: v for k, v in params.items() if k.startswith("arg:")}
         args["data"] = mx.nd.array(x)
         y = sym.bind(mx.cpu(), args).forward()[0].asnumpy()
-        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(y, want, **CHAIN_TOL)
 
 
 @needs_compiled
 def test_graph_of_python_backend_runs_compiled(rng, tmp_path):
-    prefix, x, want = _exported(tmp_path, rng, "python")
+    prefix, x, want, (gamma, beta) = _exported(tmp_path, rng, "python")
     assert "Custom" in _ops(mx.sym.load(prefix + "-symbol.json"))
     sym = mx_instnorm.to_compiled(prefix + "-symbol.json")
     block = mx.gluon.SymbolBlock(sym, mx.sym.var("data"))
@@ -193,18 +220,22 @@ def test_graph_of_python_backend_runs_compiled(rng, tmp_path):
                                 restore_prefix="")
     data = mx.nd.array(x)
     data.attach_grad()
-    dy = np.ones_like(x)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
     with mx.autograd.record():
         y = block(data)
     y.backward(mx.nd.array(dy))
-    np.testing.assert_allclose(y.asnumpy(), want, rtol=1e-4, atol=1e-4)
-    assert np.isfinite(data.grad.asnumpy()).all()
+    np.testing.assert_allclose(y.asnumpy(), want, **CHAIN_TOL)
+    # The float64 gradient through both layers (the second: gamma 1, beta 0).
+    y1 = ref_forward(x, gamma, beta, 1e-3, 1)[0]
+    dy1 = ref_backward(dy, y1, np.ones(5), 1e-2, -1)[0]
+    np.testing.assert_allclose(data.grad.asnumpy(), ref_backward(dy1, x, gamma, 1e-3, 1)[0],
+                               **CHAIN_TOL)
 
 
 @needs_compiled
 def test_compiled_graph_where_library_is_missing(rng, tmp_path, package_without_library):
     """Loading names the fix; to_custom makes it run there."""
-    prefix, x, want = _exported(tmp_path, rng, "compiled")
+    prefix, x, want, _ = _exported(tmp_path, rng, "compiled")
     np.save(str(tmp_path / "x.npy"), x)
     proc = _run("""
         import sys, numpy as np, mxnet as mx, mx_instnorm
@@ -224,7 +255,7 @@ def test_compiled_graph_where_library_is_missing(rng, tmp_path, package_without_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "LOAD ERROR: this graph uses mx_instnorm's compiled operator" in proc.stdout
     assert "mx_instnorm.to_custom" in proc.stdout
-    np.testing.assert_allclose(np.load(str(tmp_path / "y.npy")), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.load(str(tmp_path / "y.npy")), want, **CHAIN_TOL)
 
 
 def test_to_custom_rejects_what_is_not_a_graph(tmp_path):
@@ -234,15 +265,57 @@ def test_to_custom_rejects_what_is_not_a_graph(tmp_path):
         mx_instnorm.to_custom(3)
 
 
+# A graph and parameters exported by mx_instnorm 0.1.0 itself (see
+# tests/data/make_v0_1_graph.py): two Custom nodes (axis 1, eps 1e-3; axis
+# -1, eps 1e-2) between 0.1's layout guards.
+V0_1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "instnorm_v0_1")
+
+
+def _v0_1_case(rng):
+    """x, dy and the float64 reference ``(y, dx, dgamma of the first
+    layer)`` for the 0.1 graph's own parameters."""
+    p = {k[4:]: v.asnumpy() for k, v in mx.nd.load(V0_1 + "-0000.params").items()}
+    g0, b0 = p["net_instancenorm0_gamma"], p["net_instancenorm0_beta"]
+    g1, b1 = p["net_instancenorm1_gamma"], p["net_instancenorm1_beta"]
+    x = (rng.standard_normal((2, 3, 4, 5)) * 2 + 1).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y1 = ref_forward(x, g0, b0, 1e-3, 1)[0]
+    y = ref_forward(y1, g1, b1, 1e-2, -1)[0]
+    dy1 = ref_backward(dy, y1, g1, 1e-2, -1)[0]
+    dx, dg0, _ = ref_backward(dy1, x, g0, 1e-3, 1)
+    return x, dy, (y, dx, dg0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "python"])
+def test_graph_of_version_0_1_loads_and_trains(rng, monkeypatch, backend):
+    """0.1's file, as 0.1 wrote it, imports into a SymbolBlock and gives
+    today's results, gradients included, whatever the backend."""
+    monkeypatch.setenv("MX_INSTNORM_BACKEND", backend)
+    ops = _ops(mx.sym.load(V0_1 + "-symbol.json"))
+    assert ops.count("Custom") == 2 and "mx_instnorm_InstanceNorm" not in ops
+    x, dy, (want_y, want_dx, want_dg0) = _v0_1_case(rng)
+    block = mx.gluon.SymbolBlock.imports(V0_1 + "-symbol.json", ["data"], V0_1 + "-0000.params")
+    data = mx.nd.array(x)
+    data.attach_grad()
+    with mx.autograd.record():
+        y = block(data)
+    y.backward(mx.nd.array(dy))
+    np.testing.assert_allclose(y.asnumpy(), want_y, **CHAIN_TOL)
+    np.testing.assert_allclose(data.grad.asnumpy(), want_dx, **CHAIN_TOL)
+    np.testing.assert_allclose(block.collect_params()["net_instancenorm0_gamma"].grad().asnumpy(),
+                               want_dg0, **CHAIN_TOL)
+
+
 @needs_compiled
-def test_graph_of_version_0_1_loads_and_matches(rng, tmp_path):
-    """A graph with Custom nodes only (what 0.1 exported) still loads and
-    runs, and to_compiled gives the same result."""
-    prefix, x, want = _exported(tmp_path, rng, "python")
-    sym = mx.sym.load(prefix + "-symbol.json")
-    params = mx.nd.load(prefix + "-0000.params")
+def test_graph_of_version_0_1_to_compiled(rng):
+    """to_compiled turns 0.1's Custom nodes into the compiled operator, with
+    the same results."""
+    sym = mx_instnorm.to_compiled(V0_1 + "-symbol.json")
+    ops = _ops(sym)
+    assert "Custom" not in ops and ops.count(mx_instnorm.COMPILED_OP) == 2
+    x, _, (want_y, _, _) = _v0_1_case(rng)
+    params = mx.nd.load(V0_1 + "-0000.params")
     args = {k[4:]: v for k, v in params.items() if k.startswith("arg:")}
     args["data"] = mx.nd.array(x)
-    for s in (sym, mx_instnorm.to_compiled(sym)):
-        np.testing.assert_allclose(s.bind(mx.cpu(), args).forward()[0].asnumpy(), want,
-                                   rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sym.bind(mx.cpu(), args).forward()[0].asnumpy(), want_y,
+                               **CHAIN_TOL)

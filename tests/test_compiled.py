@@ -14,7 +14,7 @@ import pytest
 import mxnet as mx
 from mxnet.test_utils import check_numeric_gradient
 
-from conftest import (BUILTIN_SHAPES, BUILTIN_TOL, LARGE_SHAPES_AXES, SHAPES_AXES,
+from conftest import (BUILTIN_SHAPES, BUILTIN_TOL, FD_TOL, LARGE_SHAPES_AXES, SHAPES_AXES,
                       assert_close, random_inputs, ref_backward, ref_forward)
 from mx_instnorm.operator import compiled
 
@@ -84,7 +84,7 @@ def test_numeric_gradient(rng, shape, axis):
     s = sym_op(mx.sym.var("data"), mx.sym.var("gamma"), mx.sym.var("beta"),
                eps=1e-3, axis=axis)
     check_numeric_gradient(s, {"data": x, "gamma": gamma, "beta": beta},
-                           numeric_eps=1e-6, rtol=1e-5, atol=1e-7, dtype=np.float64)
+                           numeric_eps=1e-6, dtype=np.float64, **FD_TOL)
 
 
 def test_large_offset_keeps_digits(rng):

@@ -17,7 +17,7 @@ from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 import mx_instnorm
-from conftest import BUILTIN_TOL
+from conftest import BUILTIN_TOL, SAME_TOL, tol
 from mx_instnorm.gluon import InstanceNorm, swap_instance_norm
 from mx_instnorm.graphs import onnx_export
 
@@ -69,7 +69,7 @@ def _reference_then_hybridize(net, x):
     leaves ``net`` hybridized and run once, as export needs."""
     y = net(x).asnumpy()
     net.hybridize()
-    np.testing.assert_allclose(net(x).asnumpy(), y, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(net(x).asnumpy(), y, **SAME_TOL)
     return y
 
 
@@ -123,7 +123,7 @@ def test_swap_keeps_parameters_order_and_outputs(rng):
     assert [s.path for s in back] == ["features.1", "head_norm"]
     assert type(net.features[1]) is nn.InstanceNorm and type(net.head_norm) is nn.InstanceNorm
     assert all(net.collect_params()[k] is params_before[k] for k in params_before)
-    np.testing.assert_allclose(net(x).asnumpy(), y_builtin, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(net(x).asnumpy(), y_builtin, **SAME_TOL)
     net.hybridize()
     net(x)
     _assert_builtin_only(net._cached_graph[1])
@@ -151,7 +151,7 @@ def test_swap_checkpoints_load_on_either_side(rng, tmp_path):
     ours.save_parameters(str(tmp_path / "ours.params"))
     fresh, _ = _style_net(np.random.default_rng(8))
     fresh.load_parameters(str(tmp_path / "ours.params"))
-    np.testing.assert_allclose(fresh(x).asnumpy(), builtin(x).asnumpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fresh(x).asnumpy(), builtin(x).asnumpy(), **SAME_TOL)
 
 
 def test_swap_errors():
@@ -272,7 +272,7 @@ def test_export_native_with_input_dtypes(rng, tmp_path, index_dtype, form):
     d = h - h.mean(axis=2, keepdims=True)
     ref = (d / np.sqrt(d.var(axis=2, keepdims=True) + 1e-5)
            * net.norm.gamma.data().asnumpy()[:, None] + net.norm.beta.data().asnumpy()[:, None])
-    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, ref, **tol(np.float32))
 
     prefix = str(tmp_path / "take")
     # Without the index dtype, inference stops at take: a ValueError naming
@@ -290,7 +290,7 @@ def test_export_native_with_input_dtypes(rng, tmp_path, index_dtype, form):
     y_native = np.load(tmp_path / "y_native.npy")
     print("\nnative export with take(%s): max|diff| = %.3g"
           % (index_dtype, _max_diff(y_native, y)))
-    np.testing.assert_allclose(y_native, y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y_native, y, **tol(np.float32))
 
 
 def test_export_native_dtypes_refusals(tmp_path):

@@ -17,10 +17,10 @@ import pytest
 
 import mx_instnorm
 from mx_instnorm.gluon import InstanceNorm
-from conftest import random_inputs, ref_backward
+from conftest import CHAIN_TOL, random_inputs, ref_backward
 
 SHAPE, AXIS, EPS = (2, 3, 5, 4), 1, 1e-3
-TOL = dict(rtol=1e-4, atol=1e-4)
+TOL = CHAIN_TOL
 # name -> grad_req; every combination a user meets: all add, mixed, null.
 REQS = [
     {"data": "add", "gamma": "add", "beta": "add"},
@@ -40,10 +40,14 @@ def _expected(req, ref, passes=2, initial=0.0):
 
 
 def _check(got, reqs, refs, initial=0.0):
+    """``got`` holds the buffers after two passes; a 'null' buffer present
+    in ``got`` must still hold exactly ``initial``."""
     for name, ref in refs.items():
         want = _expected(reqs[name], ref, initial=initial)
         if want is not None:
             np.testing.assert_allclose(got[name], want, err_msg=name, **TOL)
+        elif name in got:
+            assert (got[name] == initial).all(), "%s: grad_req 'null' wrote its buffer" % name
 
 
 def _data(rng):
@@ -93,6 +97,20 @@ def test_simple_bind(rng, reqs):
         exe.forward(is_train=True)
         exe.backward([mx.nd.array(dy)])
     _check({n: exe.grad_dict[n].asnumpy() for n in refs if reqs[n] != "null"}, reqs, refs)
+
+
+@pytest.mark.parametrize("reqs", REQS, ids=lambda r: "-".join(r.values()))
+def test_bind_with_gradient_buffers(rng, reqs):
+    """Every argument has a gradient buffer holding 0.25 (bind's args_grad):
+    'add' adds to it, 'write' overwrites it, 'null' leaves it alone."""
+    (x, g, b, dy), refs = _data(rng)
+    args = {"data": mx.nd.array(x), "gamma": mx.nd.array(g), "beta": mx.nd.array(b)}
+    grads = {name: mx.nd.full(a.shape, 0.25) for name, a in args.items()}
+    exe = _sym().bind(mx.cpu(), args, args_grad=grads, grad_req=reqs)
+    for _ in range(2):
+        exe.forward(is_train=True)
+        exe.backward([mx.nd.array(dy)])
+    _check({n: grads[n].asnumpy() for n in refs}, reqs, refs, initial=0.25)
 
 
 def test_module_add(rng):

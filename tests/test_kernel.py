@@ -7,7 +7,8 @@ import pytest
 
 from mx_instnorm.kernel import instance_norm_backward, instance_norm_forward, instance_norm_stats
 
-from conftest import DTYPES, LARGE_SHAPES_AXES, SHAPES_AXES, assert_close, random_inputs, ref_backward, ref_forward
+from conftest import (DTYPES, FD_LARGE_TOL, FD_TOL, LARGE_SHAPES_AXES, OFFSET_TOL, SHAPES_AXES,
+                      assert_close, random_inputs, ref_backward, ref_forward, tol)
 
 
 
@@ -71,10 +72,8 @@ def test_forward_outlier_first_element(rng, dtype, layout, size):
     y, mean, rstd = instance_norm_forward(x, gamma.astype(dtype), beta.astype(dtype),
                                           eps=1e-5, axis=axis)
     y_ref, mean_ref, var_ref = ref_forward(x, gamma.astype(dtype), beta.astype(dtype), 1e-5, axis)
-    # float32: x itself carries 6e-5 absolute rounding at 1e3; the error of
-    # y is then bounded by the relative precision of the deviations.
-    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-4 if dtype == np.float32 else 1e-10)
-    np.testing.assert_allclose(mean, mean_ref.reshape(3, 4), rtol=1e-6 if dtype == np.float32 else 1e-12)
+    np.testing.assert_allclose(y, y_ref, **OFFSET_TOL[np.dtype(dtype)]["y"])
+    np.testing.assert_allclose(mean, mean_ref.reshape(3, 4), **OFFSET_TOL[np.dtype(dtype)]["mean"])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -90,7 +89,7 @@ def test_property_zero_mean_unit_variance(rng, shape, axis, dtype):
                                     eps=0.0, axis=axis)
     red = tuple(i for i in range(1, len(shape)) if i != axis % len(shape))
     y64 = y.astype(np.float64)
-    atol = 1e-5 if dtype == np.float32 else 1e-12
+    atol = tol(dtype)["atol"]
     np.testing.assert_allclose(y64.mean(axis=red), 0.0, atol=atol)
     np.testing.assert_allclose(y64.var(axis=red), 1.0, atol=10 * atol)
 
@@ -149,9 +148,9 @@ def test_backward_matches_finite_differences(rng, shape, axis):
 
     f = lambda: loss(x, gamma, beta)  # noqa: E731
     dx, dgamma, dbeta = instance_norm_backward(w, x, gamma, eps=eps, axis=axis)
-    np.testing.assert_allclose(dx, numeric(x, f), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(dgamma, numeric(gamma, f), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(dbeta, numeric(beta, f), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dx, numeric(x, f), **FD_TOL)
+    np.testing.assert_allclose(dgamma, numeric(gamma, f), **FD_TOL)
+    np.testing.assert_allclose(dbeta, numeric(beta, f), **FD_TOL)
 
 
 @pytest.mark.parametrize("shape,axis", [((2, 3, 50, 70), 1), ((2, 50, 70, 3), -1)])
@@ -172,10 +171,10 @@ def test_backward_matches_finite_differences_large(rng, shape, axis):
     dx, dgamma, dbeta = instance_norm_backward(w, x, gamma, eps=eps, axis=axis)
     flat = rng.choice(x.size, 24, replace=False)
     for idx in zip(*np.unravel_index(flat, shape)):
-        np.testing.assert_allclose(dx[idx], central(x, idx), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(dx[idx], central(x, idx), **FD_LARGE_TOL["x"])
     for c in range(shape[axis]):
-        np.testing.assert_allclose(dgamma[c], central(gamma, c), rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(dbeta[c], central(beta, c), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(dgamma[c], central(gamma, c), **FD_LARGE_TOL["params"])
+        np.testing.assert_allclose(dbeta[c], central(beta, c), **FD_LARGE_TOL["params"])
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])

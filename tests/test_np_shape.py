@@ -11,9 +11,9 @@ import pytest
 
 import mx_instnorm
 from mx_instnorm.gluon import InstanceNorm
-from conftest import random_inputs, ref_backward, ref_forward
+from conftest import CHAIN_TOL, random_inputs, ref_backward, ref_forward
 
-TOL = dict(rtol=1e-4, atol=1e-4)
+TOL = CHAIN_TOL
 
 
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])

@@ -16,6 +16,7 @@ from mxnet.gluon import nn
 
 import mx_instnorm
 from mx_instnorm.gluon import InstanceNorm
+from conftest import BUILTIN_TOL, scaled
 
 REPEATS = 30
 IN_SHAPE = (2, 3, 9, 9)
@@ -26,9 +27,7 @@ OUT_CHANNELS = 8  # the conv after the norm: blocked too, so dy is as well
 def assert_matches(got, want, what=""):
     """float32 against float32 through convolutions: relative to the size of
     the values (BUILTIN_TOL's 1e-4, scaled by the largest magnitude)."""
-    want = np.asarray(want)
-    atol = 1e-4 * max(1.0, float(np.abs(want).max()))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol, err_msg=what)
+    np.testing.assert_allclose(got, want, err_msg=what, **scaled(BUILTIN_TOL, want))
 
 
 def _params(rng, channels):

@@ -10,7 +10,8 @@ import mxnet as mx
 import mx_instnorm
 from mx_instnorm.operator import InstanceNormProp
 
-from conftest import (BUILTIN_SHAPES, BUILTIN_TOL, DTYPES, LARGE_SHAPES_AXES, SHAPES_AXES,
+from conftest import (BUILTIN_SHAPES, BUILTIN_TOL, DOC_ATOL, DTYPES, FD_TOL, LARGE_SHAPES_AXES,
+                      SHAPES_AXES,
                       assert_close, random_inputs, ref_backward, ref_forward)
 
 # Seed 000 (the nd docstring of mx.nd.InstanceNorm), eps default 1e-3.
@@ -18,7 +19,6 @@ DOC_X = [[[1.1, 2.2]], [[3.3, 4.4]]]
 DOC_GAMMA, DOC_BETA = [1.5], [0.5]
 DOC_Y = np.array([[[-0.997527, 1.99752665]], [[-0.99752653, 1.99752724]]])
 # The printed numbers carry the built-in's float32 noise.
-DOC_ATOL = 5e-7
 
 
 def _nd(a):
@@ -143,7 +143,7 @@ def test_sym_numeric_gradient_float64(path, rng, shape, axis):
                                      mx.sym.var("beta"), eps=1e-3, axis=axis)
     mx.test_utils.check_numeric_gradient(
         s, {"data": x, "gamma": gamma, "beta": beta}, numeric_eps=1e-6,
-        rtol=1e-5, atol=1e-7, dtype=np.float64)
+        dtype=np.float64, **FD_TOL)
 
 
 @pytest.mark.parametrize("shape,axis", [((2, 3, 5, 4), 1), ((2, 5, 4, 3), 3)])
