@@ -1,7 +1,12 @@
-"""The numerical kernel: instance normalization in pure NumPy (no MXNet).
+"""The numerical kernels: instance normalization in pure NumPy (this
+package's Python API, no MXNet) and in C++ (``instance_norm.cc``, built
+into the compiled operator's library).
 
-See :mod:`mx_instnorm.kernel.instance_norm` for the maths, the backward
-derivation and the layouts.
+The maths, the backward derivation, the overflow strategy, the layouts and
+the symbols every implementation uses (``K``, ``d``, ``mu``, ``mean``,
+``var``, ``rstd``, ``xhat``, ``c1``, ``c2``, ``k``, ``b0``, ``b1``, the
+``(N, A, C, B)`` view, the accumulation dtype ``acc``) are written once, in
+the docstring of :mod:`mx_instnorm.kernel.instance_norm`.
 """
 from .instance_norm import (
     DEFAULT_BLOCK_BYTES,

@@ -1,4 +1,4 @@
-"""NumPy views of CPU NDArray memory, for the CustomOp's fast path.
+"""NumPy views of CPU NDArray memory, for the CustomOp's numpy path.
 
 ``MXNDArrayGetData`` (MXNet's C API) returns the address of an NDArray's
 first element (byte offset included); wrapped with ``__array_interface__``
