@@ -96,6 +96,9 @@ def test_implementation_rules(monkeypatch):
     assert impl("cpu") == impl(None) == "compiled"
     monkeypatch.delenv("MX_INSTNORM_PATH")
     assert impl("gpu") == "generic" and impl("cpu", custom_op=True) == "numpy"
+    # The library operator takes plain CPU arrays only; pinned memory goes
+    # to the NumPy kernel, as before.
+    assert impl("cpu_pinned") == "numpy"
     assert mx_instnorm.backend() == "compiled"
 
 

@@ -134,10 +134,12 @@ def implementation(device_type=None, custom_op=False):
     >>> implementation("gpu")
     'generic'
     """
-    cpu = device_type is None or device_type in _CPU
-    if cpu and not custom_op and backend() == "compiled":
+    # The library operator is registered for plain CPU arrays; the NumPy
+    # kernel reads any CPU memory (pinned and shared included).
+    if device_type in (None, "cpu") and not custom_op and backend() == "compiled":
         return "compiled"
-    if not cpu or _choice(_PATH_ENV, PATHS) == "generic":
+    if (device_type is not None and device_type not in _CPU) \
+            or _choice(_PATH_ENV, PATHS) == "generic":
         return "generic"
     return "numpy"
 
