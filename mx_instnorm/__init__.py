@@ -10,6 +10,8 @@ exporter is importable, registers our converters.
 * :func:`patch_mxnet`, :func:`unpatch_mxnet`, :func:`patched_mxnet`: MXNet's
   own ``InstanceNorm`` entry points (``F.InstanceNorm``) routed to ours
 * :func:`backend`, :func:`backend_reason`: which backend computes, and why
+* :func:`from_native`: exported graphs of MXNet's built-in InstanceNorm
+  computed by ours (the inverse of :func:`to_native`)
 * :func:`to_native`, :func:`export_native`: graphs without our op;
   :func:`to_custom`, :func:`to_compiled`: graphs between our two backends
 
@@ -30,7 +32,7 @@ from ._version import __version__  # noqa: E402
 from .operator import OP_TYPE, register as _register
 from .operator.backend import backend, backend_reason
 from .operator.backend import compiled_op as _compiled_op
-from .graphs import export_native, to_compiled, to_custom, to_native
+from .graphs import export_native, from_native, to_compiled, to_custom, to_native
 from .graphs import onnx_export as _onnx_export
 from . import integration as _integration
 from .integration import is_patched, patch_mxnet, patched_mxnet, unpatch_mxnet
@@ -50,5 +52,5 @@ from . import gluon, kernel, nd, sym  # noqa: E402  (after registration)
 
 __all__ = ["__version__", "OP_TYPE", "COMPILED_OP", "backend", "backend_reason",
            "gluon", "kernel", "nd", "sym", "patch_mxnet", "unpatch_mxnet",
-           "patched_mxnet", "is_patched", "to_native", "export_native",
+           "patched_mxnet", "is_patched", "from_native", "to_native", "export_native",
            "to_custom", "to_compiled"]

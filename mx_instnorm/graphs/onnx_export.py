@@ -152,7 +152,7 @@ def _custom_converter(previous):
 
 def _compiled_converter(previous):
     """The compiled operator's node converts as the Custom one does (same
-    inputs and attributes; of its outputs only y is ever consumed)."""
+    inputs and attributes, one output)."""
     def convert_compiled(node, **kwargs):
         return convert_instance_norm(node, **kwargs)
     convert_compiled.mx_instnorm_previous = previous
