@@ -248,7 +248,7 @@ np.save('y_native.npy', y.asnumpy())
 
 
 @pytest.mark.parametrize("index_dtype", ["int32", "int64"])
-@pytest.mark.parametrize("form", ["dict", "list", "arrays"])
+@pytest.mark.parametrize("form", ["dict", "list", "arrays", "types"])
 def test_export_native_with_input_dtypes(rng, tmp_path, index_dtype, form):
     net = _TakeNet(prefix="take_")
     net.initialize(mx.init.Uniform(1.0))
@@ -273,8 +273,11 @@ def test_export_native_with_input_dtypes(rng, tmp_path, index_dtype, form):
     with pytest.raises(ValueError, match="inputs without a dtype: data0, data1"):
         mx_instnorm.export_native(net, prefix)
     assert not list(tmp_path.iterdir())
+    # "types": NumPy scalar types (np.int32), which have a `dtype`
+    # attribute of their own (a descriptor, not a dtype).
     dtypes = {"dict": {"data1": index_dtype}, "list": [None, index_dtype],
-              "arrays": list(inputs)}[form]
+              "arrays": list(inputs),
+              "types": {"data0": np.float32, "data1": np.dtype(index_dtype).type}}[form]
     mx_instnorm.export_native(net, prefix, dtypes=dtypes)
     assert "Custom" not in _graph_ops(mx.sym.load(prefix + "-symbol.json"))
     np.save(tmp_path / "x.npy", x)

@@ -86,6 +86,26 @@ def rewrite(graph, patterns):
     Returns ``(new graph dict, matches)``; ``matches`` lists ``(Match,
     name)`` in graph order. A node is tried against the patterns in order;
     the first that matches wins.
+
+    Examples
+    --------
+    A table of one pattern: every ``relu`` becomes a ``sigmoid`` of the same
+    name.
+
+    >>> import json, mxnet as mx
+    >>> from mx_instnorm.graphs.rewrite import Match, load_graph, rewrite
+    >>> def match(view, k):
+    ...     if view.op(k) != 'relu':
+    ...         return None
+    ...     return Match(k, view.nodes[k]['inputs'], [], k, {})
+    >>> def build(found, name):
+    ...     return [{'op': 'sigmoid', 'name': name, 'inputs': [('in', 0)]}]
+    >>> s = mx.sym.relu(mx.sym.var('x'), name='act')
+    >>> graph, done = rewrite(json.loads(s.tojson()), [(match, build)])
+    >>> [n['op'] for n in graph['nodes']], [name for _, name in done]
+    (['null', 'sigmoid'], ['act'])
+    >>> load_graph(graph).list_outputs()
+    ['act_output']
     """
     view = GraphView(graph)
     nodes = view.nodes
