@@ -20,7 +20,7 @@ The exit status is 1 if any mx_instnorm result is off by more than its
 tolerance, else 0.
 
 ``python -m mx_instnorm convert IN-symbol.json OUT-symbol.json [--to
-ours|native|custom|compiled]`` rewrites a graph file instead (see
+ours|native|custom|compiled] [--inference]`` rewrites a graph file instead (see
 :func:`convert_main`). The built-in's errors and imprecision are reported, not
 counted as failures. Only the public API (``mx_instnorm.nd``, ``.sym``,
 ``.gluon``) is used.
@@ -324,7 +324,13 @@ def convert_main(argv):
     parser.add_argument("--to", choices=sorted(_CONVERSIONS), default="ours",
                         help="; ".join("%s: %s" % kv for kv in sorted(_CONVERSIONS.items()))
                         + " (default: ours)")
+    parser.add_argument("--inference", action="store_true",
+                        help="with --to ours: a graph for inference only, without "
+                             "the views that keep grad_req='add' correct in training "
+                             "(also removed from compiled nodes already there)")
     args = parser.parse_args(argv)
+    if args.inference and args.to != "ours":
+        parser.error("--inference goes with --to ours")
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
     import mxnet as mx
 
@@ -336,7 +342,7 @@ def convert_main(argv):
             raise ValueError("%s: no such file" % args.source)
         graph = rewrite.graph_dict(args.source, "convert")
         if args.to == "ours":
-            result, done = adopt.convert_native(graph)
+            result, done = adopt.convert_native(graph, for_training=not args.inference)
             symbol = rewrite.load_graph(result)
         elif args.to == "native":
             # to_native infers dtypes on a Symbol: load the graph first.

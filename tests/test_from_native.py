@@ -258,3 +258,38 @@ def test_rank_7_converted_graph_infers_shapes_in_a_fresh_process(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["ok", mx_instnorm.backend()]
+
+
+def test_inference_graph_has_no_views(rng, tmp_path):
+    sym_file, params_file, x = _exported(
+        tmp_path, [nn.Conv2D(4, 3, in_channels=3), nn.InstanceNorm(axis=-1, in_channels=4),
+                   nn.InstanceNorm(in_channels=4)], (2, 3, 6, 6), rng)
+    want = _imports(sym_file, params_file)(x).asnumpy()
+    training = mx_instnorm.from_native(sym_file)
+    inference = mx_instnorm.from_native(sym_file, for_training=False)
+    assert _interface(inference) == _interface(training)
+    compiled = mx_instnorm.backend() == "compiled"
+    # Two views (gamma, beta) per layer for training on the compiled backend.
+    assert _ops(training).count("_copy") == (4 if compiled else 0)
+    assert _ops(inference).count("_copy") == 0
+    block = _imports(sym_file, params_file)
+    block._cached_graph = block._cached_graph[0], inference
+    np.testing.assert_allclose(block(x).asnumpy(), want, **BUILTIN_TOL)
+    # A swapped Gluon net's own export: its views go too (compiled nodes
+    # already there are rebuilt without them).
+    net = nn.HybridSequential(prefix="sw_")
+    with net.name_scope():
+        net.add(nn.Conv2D(4, 3, in_channels=3), nn.InstanceNorm(in_channels=4))
+    net.initialize()
+    mx_instnorm.gluon.swap_instance_norm(net)
+    net.hybridize()
+    want = net(x).asnumpy()
+    net.export(str(tmp_path / "sw"))
+    exported = mx.sym.load(str(tmp_path / "sw-symbol.json"))
+    stripped = mx_instnorm.from_native(exported, for_training=False)
+    assert _ops(exported).count("_copy") == (2 if compiled else 0)
+    assert _ops(stripped).count("_copy") == 0
+    assert _interface(stripped) == _interface(exported)
+    block = _imports(str(tmp_path / "sw-symbol.json"), str(tmp_path / "sw-0000.params"))
+    block._cached_graph = block._cached_graph[0], stripped
+    np.testing.assert_allclose(block(x).asnumpy(), want, rtol=1e-5, atol=1e-5)

@@ -24,7 +24,7 @@ default 1e-3 where the attribute is absent).
 import mxnet as mx
 
 from ..operator import _params, backend
-from .backends import COMPILED_NAME, _data_view, build_compiled, build_custom
+from .backends import COMPILED_NAME, _data_view, build_compiled, build_custom, match_compiled
 from .rewrite import Match, declare_vectors, graph_dict, load_graph, rewrite
 
 __all__ = ["from_native", "convert_native"]
@@ -112,23 +112,37 @@ def match_builtin(view, k):
     return Match(k, swapped, [before], after, info)
 
 
-def convert_native(graph):
+def convert_native(graph, for_training=True):
     """``(graph dict, matches)``: ``graph`` (a dict) with every built-in
-    InstanceNorm rewritten to ours on the backend in use."""
+    InstanceNorm rewritten to ours on the backend in use; with
+    ``for_training`` false, compiled nodes (also those already there) get
+    no views (see :func:`from_native`)."""
     compiled = backend.use_compiled()
 
     def match(view, k):
         found = match_builtin(view, k)
         if found is not None and compiled:
             found.info["data_view"] = _data_view(view, found)
+            found.info["views"] = for_training
         return found
-    result, done = rewrite(graph, [(match, build_compiled if compiled else build_custom)])
+
+    def match_viewed(view, k):
+        # A compiled node with at least one view, to be rebuilt without.
+        found = match_compiled(view, k)
+        if found is None or not found.drop:
+            return None
+        found.info["views"] = False
+        return found
+    patterns = [(match, build_compiled if compiled else build_custom)]
+    if compiled and not for_training:
+        patterns.append((match_viewed, build_compiled))
+    result, done = rewrite(graph, patterns)
     if compiled:
         declare_vectors(result, COMPILED_NAME)
     return result, done
 
 
-def from_native(graph):
+def from_native(graph, for_training=True):
     """``graph`` with every built-in ``InstanceNorm`` computed by mx_instnorm.
 
     Parameters
@@ -137,6 +151,16 @@ def from_native(graph):
         A Symbol, a graph's JSON text, or the path of a ``-symbol.json``
         file (as ``HybridBlock.export`` or ``Module.save_checkpoint`` wrote
         it).
+    for_training : bool, default True
+        False for a graph that will only run inference: on the compiled
+        backend our nodes then get none of the ``_copy`` views that keep
+        ``grad_req='add'`` correct (see
+        :func:`mx_instnorm.operator.functions.instance_norm`), and the
+        views of compiled nodes already in the graph (a swapped Gluon net's
+        export has two per layer) are removed. They cost about 10 us each
+        per call, which matters only for small tensors. Do not train such a
+        graph with ``grad_req='add'``: gamma and beta would get the last
+        pass's gradient instead of the sum.
 
     Returns
     -------
@@ -175,5 +199,5 @@ def from_native(graph):
     True
     """
     graph = graph_dict(graph, "from_native")
-    result, _ = convert_native(graph)
+    result, _ = convert_native(graph, for_training=bool(for_training))
     return load_graph(result)

@@ -100,7 +100,12 @@ def build_compiled(match, name):
     """The compiled backend's fragment (:func:`.functions._compiled`): a
     view before gamma and beta, and before the data where its gradient may
     be accumulated (``info['data_view']``; true unless the matcher knows the
-    data is computed inside the graph)."""
+    data is computed inside the graph); none at all for an inference graph
+    (``info['views']`` false)."""
+    if not match.info.get("views", True):
+        # An inference graph: no gradient flows, so no view is needed.
+        return [{"op": COMPILED_NAME, "name": name, "attrs": _ours_attrs(match.info),
+                 "inputs": [("in", 0), ("in", 1), ("in", 2)]}]
     roles = ("data", "gamma", "beta") if match.info.get("data_view", True) \
         else ("gamma", "beta")
     views = [{"op": "_copy", "name": "%s_%s" % (name, role),
