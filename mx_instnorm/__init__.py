@@ -12,13 +12,16 @@ exporter is importable, registers our converters.
 * :func:`backend`, :func:`backend_reason`: which backend computes, and why
 * :func:`explain_errors`: our message first in an ``MXNetError`` raised by
   MXNet's inference of a graph holding the CustomOp
+* :func:`from_native`: exported graphs of MXNet's built-in InstanceNorm
+  computed by ours (the inverse of :func:`to_native`)
 * :func:`to_native`, :func:`export_native`: graphs without our op;
   :func:`to_custom`, :func:`to_compiled`: graphs between our two backends
 
 Layers, with imports pointing one way: :mod:`mx_instnorm.kernel` (NumPy and
 C++ kernels, no MXNet) -> :mod:`mx_instnorm.operator` (MXNet glue) ->
-:mod:`mx_instnorm.gluon` (the block) and :mod:`mx_instnorm.graphs` (graph
-conversions) -> :mod:`mx_instnorm.integration` (patching MXNet, fork and
+:mod:`mx_instnorm.graphs` (graph conversions) -> :mod:`mx_instnorm.gluon`
+(the block, and ``swap_instance_norm``, which also converts a SymbolBlock's
+graph) -> :mod:`mx_instnorm.integration` (patching MXNet, fork and
 load hooks) and the command line.
 """
 # MXNet 1.9.1 needs NumPy names that newer NumPy removed: the installed .pth
@@ -32,7 +35,7 @@ from ._version import __version__  # noqa: E402
 from .operator import OP_TYPE, explain_errors, register as _register
 from .operator.backend import backend, backend_reason
 from .operator.backend import compiled_op as _compiled_op
-from .graphs import export_native, to_compiled, to_custom, to_native
+from .graphs import export_native, from_native, to_compiled, to_custom, to_native
 from .graphs import onnx_export as _onnx_export
 from . import integration as _integration
 from .integration import is_patched, patch_mxnet, patched_mxnet, unpatch_mxnet
@@ -52,5 +55,5 @@ from . import gluon, kernel, nd, sym  # noqa: E402  (after registration)
 
 __all__ = ["__version__", "OP_TYPE", "COMPILED_OP", "backend", "backend_reason", "explain_errors",
            "gluon", "kernel", "nd", "sym", "patch_mxnet", "unpatch_mxnet",
-           "patched_mxnet", "is_patched", "to_native", "export_native",
+           "patched_mxnet", "is_patched", "from_native", "to_native", "export_native",
            "to_custom", "to_compiled"]

@@ -17,7 +17,11 @@ Checks, each for mx_instnorm and for the built-in:
    float64 NumPy reference.
 
 The exit status is 1 if any mx_instnorm result is off by more than its
-tolerance, else 0. The built-in's errors and imprecision are reported, not
+tolerance, else 0.
+
+``python -m mx_instnorm convert IN-symbol.json OUT-symbol.json [--to
+ours|native|custom|compiled] [--inference]`` rewrites a graph file instead (see
+:func:`convert_main`). The built-in's errors and imprecision are reported, not
 counted as failures. Only the public API (``mx_instnorm.nd``, ``.sym``,
 ``.gluon``) is used.
 """
@@ -31,7 +35,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["main"]
+__all__ = ["main", "convert_main"]
 
 # The documented outputs are float32 results printed to 8 digits: they carry
 # float32 rounding noise of a few 1e-7 (the exact answers differ from them
@@ -285,7 +289,98 @@ def _backend_line(mx_instnorm):
     return "%s (%s)" % (mx_instnorm.backend(), mx_instnorm.backend_reason())
 
 
+_CONVERSIONS = {
+    "ours": "MXNet's built-in InstanceNorm -> mx_instnorm on the backend in use "
+            "(from_native)",
+    "native": "mx_instnorm -> MXNet's built-in InstanceNorm (to_native)",
+    "custom": "mx_instnorm's compiled op -> its Python CustomOp (to_custom)",
+    "compiled": "mx_instnorm's Python CustomOp -> its compiled op (to_compiled)",
+}
+
+
+def _describe(graph, match, name):
+    info = match.info
+    node = graph["nodes"][match.anchor]
+    source = node["op"] if node["op"] != "Custom" else "Custom(%s)" % node["attrs"]["op_type"]
+    absorbed = len(match.drop) + (match.output != match.anchor)
+    return "%s: %s (axis %s, eps %s)%s" % (
+        name, source, info["axis"], info["eps"],
+        " with %d node(s) around it" % absorbed if absorbed else "")
+
+
+def convert_main(argv):
+    """``python -m mx_instnorm convert IN OUT [--to KIND]``: one entry point
+    for every graph conversion of :mod:`mx_instnorm.graphs`. Prints one line
+    per converted node; bad input gets a one-line error and exit status 2.
+    Nothing is written unless the conversion succeeds.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m mx_instnorm convert",
+        description="Rewrite an exported graph (-symbol.json) and write the result; "
+                    "argument, auxiliary and output names are kept, so the "
+                    "model's .params file loads with it unchanged.")
+    parser.add_argument("source", metavar="IN-symbol.json")
+    parser.add_argument("target", metavar="OUT-symbol.json")
+    parser.add_argument("--to", choices=sorted(_CONVERSIONS), default="ours",
+                        help="; ".join("%s: %s" % kv for kv in sorted(_CONVERSIONS.items()))
+                        + " (default: ours)")
+    parser.add_argument("--inference", action="store_true",
+                        help="with --to ours: a graph for inference only, without "
+                             "the views that keep grad_req='add' correct in training "
+                             "(also removed from compiled nodes already there)")
+    args = parser.parse_args(argv)
+    if args.inference and args.to != "ours":
+        parser.error("--inference goes with --to ours")
+    os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
+    import mxnet as mx
+
+    import mx_instnorm
+    from mx_instnorm.graphs import adopt, backends, native, rewrite
+
+    try:
+        if not os.path.isfile(args.source):
+            raise ValueError("%s: no such file" % args.source)
+        graph = rewrite.graph_dict(args.source, "convert")
+        if args.to == "ours":
+            result, done = adopt.convert_native(graph, for_training=not args.inference)
+            symbol = rewrite.load_graph(result)
+        elif args.to == "native":
+            # to_native infers dtypes on a Symbol: load the graph first.
+            symbol = native.to_native(rewrite.load_graph(graph))
+            view = rewrite.GraphView(graph)
+            done = []
+            for k in range(len(view.nodes)):
+                found = backends.match_compiled(view, k) or backends.match_custom(view, k)
+                if found is not None:
+                    done.append((found, view.nodes[found.output]["name"]))
+        else:
+            if args.to == "compiled" and mx_instnorm.operator.backend.compiled_op() is None:
+                raise RuntimeError("--to compiled needs the compiled operator, which is "
+                                   "not available: "
+                                   + mx_instnorm.operator.backend.backend_reason())
+            result, done = backends.convert_ours(graph, args.to)
+            symbol = rewrite.load_graph(result)
+        text = symbol.tojson()
+        target_dir = os.path.dirname(os.path.abspath(args.target))
+        if not os.path.isdir(target_dir):
+            raise ValueError("%s: no such directory" % target_dir)
+    except (ValueError, TypeError, RuntimeError, OSError, mx.MXNetError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print("error: %s" % message, file=sys.stderr)
+        return 2
+    with open(args.target, "w") as f:
+        f.write(text)
+    for found, name in done:
+        print("converted " + _describe(graph, found, name))
+    print("%d node(s) converted (%s); wrote %s"
+          % (len(done), _CONVERSIONS[args.to], args.target))
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "convert":
+        return convert_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m mx_instnorm",
         description="Run mx_instnorm's documented examples side by side with "

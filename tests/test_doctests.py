@@ -18,6 +18,11 @@ MODULES = [
     "mx_instnorm.operator.functions",
     "mx_instnorm.integration.patch",
     "mx_instnorm.gluon.instance_norm",
+    "mx_instnorm.gluon.swap",
+    "mx_instnorm.graphs.adopt",
+    "mx_instnorm.graphs.backends",
+    "mx_instnorm.graphs.native",
+    "mx_instnorm.graphs.rewrite",
     "mx_instnorm_numpy_compat",
 ]
 

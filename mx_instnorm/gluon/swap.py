@@ -4,19 +4,29 @@ A pretrained network (GluonCV's style transfer, CycleGAN generators...)
 builds its layers with ``nn.InstanceNorm``; :func:`swap_instance_norm`
 replaces them all in one call, keeping each layer's ``Parameter`` objects,
 so weights, names, trainers holding those parameters and checkpoints are
-unaffected.
+unaffected. A ``SymbolBlock`` (a model loaded with
+``SymbolBlock.imports``) has no layers, only a graph: its graph is rewritten
+in place by :func:`mx_instnorm.from_native` (or
+:func:`mx_instnorm.to_native` to go back), keeping its Parameters.
 """
+import json
+import warnings
 from collections import namedtuple
 
 import numpy as np
-from mxnet.gluon import Block, HybridBlock, nn
+from mxnet.gluon import Block, HybridBlock, SymbolBlock, nn
 
+from ..graphs.adopt import convert_native
+from ..graphs.native import to_native
+from ..graphs.rewrite import GraphView, load_graph
+from ..graphs.backends import match_compiled, match_custom
 from .instance_norm import InstanceNorm
 
 __all__ = ["swap_instance_norm", "Swapped"]
 
 #: One replacement: the dotted path of ``_children`` keys from the block
-#: given (``"features.1"``), the block taken out and the block put in.
+#: given (``"features.1"``), the block taken out and the block put in; for a
+#: SymbolBlock converted in place, its graph (Symbol) before and after.
 Swapped = namedtuple("Swapped", ["path", "old", "new"])
 
 _TARGETS = {"ours": (nn.InstanceNorm, InstanceNorm),
@@ -69,6 +79,30 @@ def _replace_references(parent, old, new):
             value[:] = [new if item is old else item for item in value]
 
 
+def _has_ours(symbol):
+    view = GraphView(json.loads(symbol.tojson()))
+    return any(match_compiled(view, k) or match_custom(view, k)
+               for k in range(len(view.nodes)))
+
+
+def _convert_symbol_block(block, to):
+    """Rewrites a SymbolBlock's graph in place; returns ``(old, new)``
+    Symbols, or None when it holds nothing to convert."""
+    inputs, old = block._cached_graph
+    if to == "ours":
+        graph, done = convert_native(json.loads(old.tojson()))
+        if not done:
+            return None
+        new = load_graph(graph)
+    else:
+        if not _has_ours(old):
+            return None
+        new = to_native(old)
+    block._cached_graph = inputs, new
+    block._clear_cached_op()
+    return old, new
+
+
 def swap_instance_norm(block, to="ours"):
     """Replaces, inside ``block``, every InstanceNorm of one implementation by
     the other, keeping settings and Parameter objects.
@@ -89,6 +123,14 @@ def swap_instance_norm(block, to="ours"):
     Only exact instances are swapped: subclasses may change behaviour that a
     swap would lose, so they are left alone.
 
+    A ``SymbolBlock`` (``block`` itself or any block inside it) has its
+    graph rewritten in place: ``to='ours'`` with
+    :func:`mx_instnorm.from_native`, ``to='builtin'`` with
+    :func:`mx_instnorm.to_native`. Argument names are kept, so its
+    Parameters (loaded values, ``grad_req``) stay as they are.
+
+    When nothing is replaced a ``UserWarning`` says what was searched.
+
     Parameters
     ----------
     block : Block
@@ -101,13 +143,16 @@ def swap_instance_norm(block, to="ours"):
     -------
     list of Swapped
         ``(path, old, new)`` for each replaced block, in traversal order;
-        ``path`` joins the ``_children`` keys from ``block`` with dots.
+        ``path`` joins the ``_children`` keys from ``block`` with dots
+        (``''`` for ``block`` itself). For a SymbolBlock ``old`` and ``new``
+        are its graph (Symbol) before and after.
 
     Raises
     ------
     ValueError
         If ``to`` is not 'ours' or 'builtin', or ``block`` itself is one of
-        the blocks to replace.
+        the blocks to replace, or a SymbolBlock's graph cannot be converted
+        faithfully (see :func:`mx_instnorm.from_native`).
     TypeError
         If ``block`` is not a Gluon Block, or (``to='builtin'``) a layer's
         parameters are not float32, which the builtin cannot compute.
@@ -144,8 +189,14 @@ def swap_instance_norm(block, to="ours"):
     replaced = {}   # id(old) -> Swapped, so a shared block maps to one new block
     visited = {}    # id(block) -> block, every block of the tree once
 
+    symbols = []    # Swapped entries of SymbolBlocks converted in place
+
     def walk(parent, path):
         visited[id(parent)] = parent
+        if isinstance(parent, SymbolBlock):
+            converted = _convert_symbol_block(parent, to)
+            if converted is not None:
+                symbols.append(Swapped(path, *converted))
         for key, child in list(parent._children.items()):
             child_path = path + "." + key if path else key
             if type(child) is source:
@@ -160,11 +211,19 @@ def swap_instance_norm(block, to="ours"):
                 walk(child, child_path)
 
     walk(block, "")
-    if replaced:
+    if not replaced and not symbols:
+        warnings.warn(
+            "swap_instance_norm(%s, to=%r) found nothing to replace: no block of class "
+            "%s.%s (exact class; subclasses are left alone) among its %d blocks, and "
+            "no SymbolBlock whose graph has %s"
+            % (block.name, to, source.__module__, source.__name__, len(visited),
+               "a built-in InstanceNorm node" if to == "ours" else "a node of ours"),
+            UserWarning, stacklevel=2)
+    if replaced or symbols:
         # Any cached graph above a swapped layer still holds the old one
         # (a block may hang under several parents): drop them all; each
         # hybridized block rebuilds its graph on its next call.
         for blk in visited.values():
             if isinstance(blk, HybridBlock):
                 blk._clear_cached_op()
-    return list(replaced.values())
+    return list(replaced.values()) + symbols

@@ -8,177 +8,134 @@ Both compute the same function with the same attributes (``eps``,
 :func:`to_compiled` rewrite one kind into the other on the graph's JSON,
 which works where the other kind's operator is not registered.
 
-Each rewrite puts in what the target backend needs around its node (see
-:mod:`.functions`): a compiled node gets an ``identity`` before each input,
-so that ``grad_req='add'`` stays correct; a Custom node gets the copying
-layout guards of :mod:`._onednn` (the data's rank is not known from the
-JSON). The replacement's last node keeps the original node's name, so
-output, argument and auxiliary names are unchanged.
-
+Each rewrite (one pattern table for :func:`.rewrite.rewrite`) drops the
+guards the source backend put around its node and puts in what the target
+backend needs (see :mod:`mx_instnorm.operator.functions`): a compiled node
+gets a ``_copy`` view before gamma and beta, and before the data where it
+is a graph input, so that ``grad_req='add'`` stays correct, and its
+gamma/beta variables are declared as vectors (a shape-inference bug of
+MXNet 1.9.1, see :func:`.rewrite.declare_vectors`); a Custom node gets the
+copying layout guards of :mod:`mx_instnorm.operator._onednn` (the data's
+rank is not known from the JSON). The replacement's last node keeps the
+fragment's output name, so output, argument and auxiliary names are
+unchanged.
 """
-import json
-import os
-
-import mxnet as mx
-
-from ..operator import backend
+from ..operator import backend, exec_addto
 from ..operator.compiled import OP_NAME as COMPILED_NAME
 from ..operator.custom_op import OP_TYPE
+from .rewrite import Match, declare_vectors, graph_dict, load_graph, rewrite
 
-__all__ = ["COMPILED_NAME", "to_custom", "to_compiled"]
+__all__ = ["COMPILED_NAME", "to_custom", "to_compiled", "match_compiled",
+           "match_custom", "build_compiled", "build_custom", "convert_ours"]
 
-
-
-def _is_custom(node):
-    return node.get("op") == "Custom" and node.get("attrs", {}).get("op_type") == OP_TYPE
-
-
-def _is_compiled(node):
-    return node.get("op") == COMPILED_NAME
+# The guard ops mx_instnorm puts before each kind of op's inputs (see
+# .functions): views for the compiled op, layout guards for the Custom one.
+_COMPILED_GUARDS = {"_copy"}
+_CUSTOM_GUARDS = {"_copy", "Reshape", "reshape", "squeeze", "expand_dims"}
 
 
-def _attrs(node):
-    attrs = node.get("attrs", {})
-    return {"eps": attrs.get("eps", "0.001"), "axis": attrs.get("axis", "1")}
+def _info(view, k):
+    attrs = view.attrs(k)
+    return {"eps": attrs.get("eps", "0.001"), "axis": attrs.get("axis", "1"),
+            "extra": {a: v for a, v in attrs.items() if a.startswith("__")},
+            "anchor": view.nodes[k]["name"], "op": view.op(k)}
 
 
-def _as_custom(node, name):
+def _strip_inputs(view, k, ops, prefix):
+    inputs, drop = [], []
+    for entry in view.nodes[k].get("inputs", []):
+        entry, guards = view.strip(entry, k, ops, prefix)
+        inputs.append(entry)
+        drop.extend(guards)
+    return inputs, drop
+
+
+def match_compiled(view, k):
+    """A compiled node with the views :mod:`.functions` puts before it."""
+    if view.op(k) != COMPILED_NAME:
+        return None
+    name = view.nodes[k]["name"]
+    inputs, drop = _strip_inputs(view, k, _COMPILED_GUARDS, name)
+    return Match(k, inputs, drop, k, _info(view, k))
+
+
+def match_custom(view, k):
+    """A ``Custom`` node of ours (``<name>_op``) with its layout guards and
+    its output copy (a ``slice_axis`` named ``<name>``)."""
+    if view.op(k) != "Custom" or view.attrs(k).get("op_type") != OP_TYPE:
+        return None
+    name = view.nodes[k]["name"]
+    base = name[:-len("_op")] if name.endswith("_op") else name
+    inputs, drop = _strip_inputs(view, k, _CUSTOM_GUARDS, base)
+    output = k
+    user = view.sole_user(k)
+    if (name.endswith("_op") and user is not None and view.op(user) == "slice_axis"
+            and view.nodes[user]["name"] == base):
+        output = user
+    return Match(k, inputs, drop, output, _info(view, k))
+
+
+def _ours_attrs(info):
+    return dict(info["extra"], eps=info["eps"], axis=info["axis"])
+
+
+def build_custom(match, name):
+    """The Python backend's fragment (:func:`.functions._custom` with an
+    unknown rank): a copying input guard, the Custom node, the output copy."""
     return [
         {"op": "expand_dims", "name": name + "_expand", "attrs": {"axis": "0"},
          "inputs": [("in", 0)]},
         {"op": "squeeze", "name": name + "_in", "attrs": {"axis": "0"},
          "inputs": [("new", 0)]},
-        {"op": "Custom", "name": name + "_op", "attrs": dict(_attrs(node), op_type=OP_TYPE),
+        {"op": "Custom", "name": name + "_op",
+         "attrs": dict(_ours_attrs(match.info), op_type=OP_TYPE),
          "inputs": [("new", 1), ("in", 1), ("in", 2)]},
         {"op": "slice_axis", "name": name,
          "attrs": {"axis": "0", "begin": "0", "end": "None"}, "inputs": [("new", 2)]},
     ]
 
 
-def _as_compiled(node, name):
-    # Every input through a view: whether the data is a graph input or an
-    # executor sums gradients in place is not known from the JSON.
-    views = [{"op": "_copy", "name": "%s_%s" % (name, role), "inputs": [("in", k)]}
-             for k, role in enumerate(("data", "gamma", "beta"))]
-    return views + [{"op": COMPILED_NAME, "name": name, "attrs": _attrs(node),
-                     "inputs": [("new", 0), ("new", 1), ("new", 2)]}]
+def build_compiled(match, name):
+    """The compiled backend's fragment (:func:`.functions._compiled`): a
+    view before gamma and beta, and before the data where its gradient may
+    be accumulated (``info['data_view']``; true unless the matcher knows the
+    data is computed inside the graph); none at all for an inference graph
+    (``info['views']`` false)."""
+    if not match.info.get("views", True):
+        # An inference graph: no gradient flows, so no view is needed.
+        return [{"op": COMPILED_NAME, "name": name, "attrs": _ours_attrs(match.info),
+                 "inputs": [("in", 0), ("in", 1), ("in", 2)]}]
+    roles = ("data", "gamma", "beta") if match.info.get("data_view", True) \
+        else ("gamma", "beta")
+    views = [{"op": "_copy", "name": "%s_%s" % (name, role),
+              "inputs": [("in", ("data", "gamma", "beta").index(role))]}
+             for role in roles]
+    refs = {role: ("new", j) for j, role in enumerate(roles)}
+    refs.setdefault("data", ("in", 0))
+    return views + [{"op": COMPILED_NAME, "name": name, "attrs": _ours_attrs(match.info),
+                     "inputs": [refs["data"], refs["gamma"], refs["beta"]]}]
 
 
-# The nodes mx_instnorm puts around each kind of op (see .functions): the
-# ops of its input guards and of its output node.
-_FRAGMENT = {
-    "compiled": ({"_copy"}, None),
-    "custom": ({"_copy", "Reshape", "reshape", "squeeze", "expand_dims"}, "slice_axis"),
-}
+def _data_view(view, match):
+    """Whether the compiled fragment needs a view before the data (as
+    :func:`.functions._compiled` decides: a graph input, or in-place
+    gradient summing enabled now)."""
+    return exec_addto() or view.op(match.inputs[0][0]) == "null"
 
 
-def _fragment_nodes(nodes, heads, k, kind):
-    """The nodes of our fragment around node ``k`` (of ``kind``) that a
-    rewrite drops: ``(skipped input-side node indices, output node index or
-    None)``. A node is ours when only our op (or our own guard) consumes it
-    and, for the output node, its name is the op's minus ``_op``."""
-    inputs_ops, output_op = _FRAGMENT[kind]
-    consumers = {}
-    for j, n in enumerate(nodes):
-        for e in n.get("inputs", []):
-            consumers.setdefault(e[0], []).append(j)
-    head_nodes = {e[0] for e in heads}
-    skipped = set()
-    frontier = [nodes[k]["inputs"][i][0] for i in range(len(nodes[k]["inputs"]))]
-    while frontier:
-        i = frontier.pop()
-        node = nodes[i]
-        users = consumers.get(i, [])
-        if (node["op"] in inputs_ops and i not in head_nodes and len(users) == 1
-                and (users[0] == k or users[0] in skipped)
-                and node["name"].startswith(nodes[k]["name"].rsplit("_op", 1)[0])):
-            skipped.add(i)
-            frontier.extend(e[0] for e in node["inputs"])
-    out = None
-    users = consumers.get(k, [])
-    if (nodes[k]["name"].endswith("_op") and len(users) == 1
-            and nodes[users[0]]["op"] == output_op
-            and nodes[users[0]]["name"] + "_op" == nodes[k]["name"]):
-        out = users[0]
-    return skipped, out
+def convert_ours(graph, kind):
+    """``(graph dict, matches)``: ``graph`` (a dict) with our nodes of the
+    other backend rewritten to ``kind`` ('custom' or 'compiled')."""
+    if kind == "custom":
+        return rewrite(graph, [(match_compiled, build_custom)])
 
-
-def _rewrite(graph, kind, replace):
-    """The graph dict with each of our ops of ``kind`` (with the fragment
-    mx_instnorm builds around it) replaced by the nodes ``replace(node,
-    name)`` returns: their inputs are ``("in", k)`` for the op's k-th input
-    (before its fragment's guards) or ``("new", j)`` for output 0 of the
-    j-th new node; the last new node, named ``name`` (the fragment's output
-    name), takes the fragment's place."""
-    nodes = graph["nodes"]
-    match = _is_compiled if kind == "compiled" else _is_custom
-    skipped, outputs = set(), {}
-    for k, node in enumerate(nodes):
-        if match(node):
-            guards, out = _fragment_nodes(nodes, graph["heads"], k, kind)
-            skipped |= guards
-            if out is not None:
-                skipped.add(out)
-                outputs[k] = out
-    new_nodes, entry_of = [], {}
-
-    def remap(entry):
-        head = entry_of[entry[0]]
-        return list(head) if entry[0] in skipped else [head[0]] + list(entry[1:])
-
-    for i, node in enumerate(nodes):
-        inputs = [remap(e) for e in node.get("inputs", [])]
-        if i in skipped:
-            # A guard stands for its own input; an output node for our op's
-            # replacement (set when that is built).
-            if i not in entry_of:
-                entry_of[i] = inputs[0] if inputs else None
-            continue
-        if not match(node):
-            new_nodes.append(dict(node, inputs=inputs))
-        else:
-            first = len(new_nodes)
-            name = nodes[outputs[i]]["name"] if i in outputs else node["name"]
-            for spec in replace(node, name):
-                spec = dict(spec)
-                spec["inputs"] = [inputs[k] if kind_ == "in" else [first + k, 0, 0]
-                                  for kind_, k in spec["inputs"]]
-                if not spec.get("attrs"):
-                    spec.pop("attrs", None)
-                new_nodes.append(spec)
-            if i in outputs:
-                entry_of[outputs[i]] = [len(new_nodes) - 1, 0, 0]
-        entry_of[i] = [len(new_nodes) - 1, 0, 0]
-    return {
-        "nodes": new_nodes,
-        "arg_nodes": [i for i, n in enumerate(new_nodes) if n["op"] == "null"],
-        "heads": [remap(e) for e in graph["heads"]],
-        "attrs": graph.get("attrs", {}),
-    }
-
-
-def _graph_dict(graph, caller):
-    """``graph`` (Symbol, JSON text or the path of a ``-symbol.json``) as a dict."""
-    if isinstance(graph, mx.sym.Symbol):
-        return json.loads(graph.tojson())
-    if isinstance(graph, str):
-        text = graph
-        if not graph.lstrip().startswith("{"):
-            if not os.path.isfile(graph):
-                raise ValueError("%s expects a Symbol, graph JSON or the path of a "
-                                 "graph file; %r is none of these" % (caller, graph))
-            with open(graph) as f:
-                text = f.read()
-        return json.loads(text)
-    raise TypeError("%s expects a Symbol, graph JSON or the path of a graph file, got %s"
-                    % (caller, type(graph).__name__))
-
-
-def _load(graph_dict):
-    # MXNet's own loader (a parser, not the hooked one: see
-    # mx_instnorm.integration.load_hook), unwrapped where it was wrapped.
-    load_json = mx.sym.load_json
-    return getattr(load_json, "__wrapped__", load_json)(json.dumps(graph_dict))
+    def match(view, k):
+        found = match_custom(view, k)
+        if found is not None:
+            found.info["data_view"] = _data_view(view, found)
+        return found
+    result, done = rewrite(graph, [(match, build_compiled)])
+    return declare_vectors(result, COMPILED_NAME), done
 
 
 def to_custom(graph):
@@ -213,7 +170,7 @@ def to_custom(graph):
     >>> s.list_arguments()
     ['x', 'g', 'b']
     """
-    return _load(_rewrite(_graph_dict(graph, "to_custom"), "compiled", _as_custom))
+    return load_graph(convert_ours(graph_dict(graph, "to_custom"), "custom")[0])
 
 
 def to_compiled(graph):
@@ -233,4 +190,4 @@ def to_compiled(graph):
     if backend.compiled_op() is None:
         raise RuntimeError("to_compiled needs mx_instnorm's compiled operator, which "
                            "is not available: " + backend.backend_reason())
-    return _load(_rewrite(_graph_dict(graph, "to_compiled"), "custom", _as_compiled))
+    return load_graph(convert_ours(graph_dict(graph, "to_compiled"), "compiled")[0])

@@ -9,36 +9,30 @@ inside the square root) for float32 data with the channel axis at 1, so
 :func:`to_native` replaces each of our nodes by it, and :func:`export_native`
 writes the files ``HybridBlock.export`` writes with the rewritten graph.
 
-The rewrite edits the graph's JSON: each of our nodes (``Custom`` or
-compiled) becomes
+The rewrite edits the graph's JSON (one pattern table for
+:func:`.rewrite.rewrite`): each of our nodes (``Custom`` or compiled), with
+the guards and views the package put around it, becomes
 
 * ``InstanceNorm(data, gamma, beta)`` when the channel axis is 1;
 * ``SwapAxis(1, axis) -> InstanceNorm -> SwapAxis(1, axis)`` otherwise
   (the built-in normalizes every axis after 1; swapping two axes is its own
   inverse and leaves the normalized axes' order irrelevant).
 
-The last node keeps our node's name, so the output names
-(``<name>_output``) and every argument and auxiliary name are unchanged. The
-guard node the package puts before our op's data input is left as it is.
+The last node keeps the fragment's output name, so the output names
+(``<name>_output``) and every argument and auxiliary name are unchanged.
+The guards and views are left out: the built-in needs no layout guard and
+honours ``grad_req='add'`` itself.
 """
 import json
 
 import mxnet as mx
 import numpy as np
 
-from ..operator import _params
-from ..operator._errors import explain_errors
-from ..operator.custom_op import OP_TYPE
-from .backends import COMPILED_NAME
+from ..operator import explain_errors, normalize_axis, parse_axis, parse_eps
+from .backends import match_compiled, match_custom
+from .rewrite import GraphView, load_graph, rewrite
 
 __all__ = ["to_native", "export_native"]
-
-
-def _is_ours(node):
-    """A node of the Python backend (``Custom``) or of the compiled one."""
-    if node.get("op") == COMPILED_NAME:
-        return True
-    return node.get("op") == "Custom" and node.get("attrs", {}).get("op_type") == OP_TYPE
 
 
 def _summary(err):
@@ -51,8 +45,8 @@ def _summary(err):
     return summary
 
 
-def _infer(symbol, ours, nodes, shapes, dtypes):
-    """Per node of ours: (rank or None, dtype or None), from partial inference.
+def _infer(symbol, ours, shapes, dtypes):
+    """Per node name: (rank or None, dtype or None), from partial inference.
 
     Variables' ``__dtype__``/``__shape__`` attributes take part, so a graph
     from a block cast to float64 is recognized without ``dtypes``.
@@ -81,34 +75,29 @@ def _infer(symbol, ours, nodes, shapes, dtypes):
                              % (shapes, _summary(err))) from None
     by_name = dict(zip(names, zip(out_shapes, out_types)))
     found = {}
-    for i in ours:
-        # A Custom node's single output is listed as "<name>_output"; the
-        # compiled node's y (with mean and rstd beside it) as "<name>_output0".
-        name = nodes[i]["name"]
-        shape, dtype = by_name.get(name + "_output",
-                                   by_name.get(name + "_output0", (None, None)))
+    for name in ours:
+        # Both kinds of node have one visible output, "<name>_output".
+        shape, dtype = by_name.get(name + "_output", (None, None))
         # Legacy (non-numpy) shape semantics: rank 0 means "unknown".
         rank = len(shape) if shape else None
-        found[i] = (rank, None if dtype is None else np.dtype(dtype))
+        found[name] = (rank, None if dtype is None else np.dtype(dtype))
     return found
 
 
-def _native_nodes(node, rank, dtype):
-    """The built-in replacement for one of our nodes: a list of nodes whose
-    inputs are ``("in", k)`` for the k-th input of ``node`` or ``("new", j)``
-    for output 0 of the j-th node of the list; the last one replaces it.
-    """
-    name = node["name"]
-    attrs = node.get("attrs", {})
-    eps = _params.parse_eps(attrs.get("eps", "0.001"))
-    axis = _params.parse_axis(attrs.get("axis", "1"))
+def _native_nodes(match, out_name, rank, dtype):
+    """The built-in replacement for one of our fragments (node specs for
+    :func:`.rewrite.rewrite`; the last one is named ``out_name``)."""
+    info = match.info
+    name = info["anchor"]
+    eps = parse_eps(info["eps"])
+    axis = parse_axis(info["axis"])
     if dtype is not None and dtype != np.float32:
         raise TypeError("node %r computes in %s, but MXNet's built-in InstanceNorm "
                         "computes float32 only; cast the model to float32 before "
                         "export_native/to_native" % (name, dtype))
-    if len(node.get("inputs", [])) != 3:
+    if len(match.inputs) != 3:
         raise ValueError("node %r has %d inputs, expected 3 (data, gamma, beta)"
-                         % (name, len(node.get("inputs", []))))
+                         % (name, len(match.inputs)))
     if rank is not None:
         if rank < 3:
             raise ValueError("node %r: InstanceNorm needs data of rank >= 3, the "
@@ -116,14 +105,15 @@ def _native_nodes(node, rank, dtype):
         # A known rank lets us write a non-negative axis, which other tools
         # (MXNet's ONNX exporter for SwapAxis) require.
         try:
-            axis = _params.normalize_axis(axis, rank)
+            axis = normalize_axis(axis, rank)
         except ValueError as err:
             raise ValueError("node %r: %s" % (name, err)) from None
     elif axis == 0:
         raise ValueError("node %r: axis 0 is the batch axis" % (name,))
     # Dunder attributes (profiler scope, ctx group...) stay with the node.
-    extra = {k: v for k, v in attrs.items() if k.startswith("__")}
+    extra = info["extra"]
     norm_attrs = dict(extra, eps=repr(eps))
+    name = out_name
     if axis == 1:
         return [{"op": "InstanceNorm", "name": name, "attrs": norm_attrs,
                  "inputs": [("in", 0), ("in", 1), ("in", 2)]}]
@@ -188,41 +178,17 @@ def to_native(symbol, shapes=None, dtypes=None):
         raise TypeError("to_native expects an mxnet Symbol, got %s"
                         % type(symbol).__name__)
     graph = json.loads(symbol.tojson())
-    nodes = graph["nodes"]
-    ours = [i for i, node in enumerate(nodes) if _is_ours(node)]
-    if not ours:
-        return mx.sym.load_json(symbol.tojson())
-    inferred = _infer(symbol, ours, nodes, shapes, dtypes)
+    view = GraphView(graph)
+    names = [view.nodes[k]["name"] for k in range(len(view.nodes))
+             if match_compiled(view, k) or match_custom(view, k)]
+    if not names:
+        return load_graph(graph)
+    inferred = _infer(symbol, names, shapes, dtypes)
 
-    new_nodes, index_of = [], {}
-
-    def remap(entry):
-        return [index_of[entry[0]]] + list(entry[1:])
-
-    for i, node in enumerate(nodes):
-        if i not in inferred:
-            node = dict(node, inputs=[remap(e) for e in node.get("inputs", [])])
-            index_of[i] = len(new_nodes)
-            new_nodes.append(node)
-            continue
-        rank, dtype = inferred[i]
-        inputs = [remap(e) for e in node["inputs"]]
-        first = len(new_nodes)
-        for spec in _native_nodes(node, rank, dtype):
-            spec["inputs"] = [inputs[k] if kind == "in" else [first + k, 0, 0]
-                              for kind, k in spec["inputs"]]
-            new_nodes.append(spec)
-        # Only output 0 of our node is visible, and the replacement's last
-        # node provides it.
-        index_of[i] = len(new_nodes) - 1
-
-    native_graph = {
-        "nodes": new_nodes,
-        "arg_nodes": [i for i, n in enumerate(new_nodes) if n["op"] == "null"],
-        "heads": [remap(e) for e in graph["heads"]],
-        "attrs": graph.get("attrs", {}),
-    }
-    native = mx.sym.load_json(json.dumps(native_graph))
+    def build(match, name):
+        return _native_nodes(match, name, *inferred[match.info["anchor"]])
+    native_graph, _ = rewrite(graph, [(match_compiled, build), (match_custom, build)])
+    native = load_graph(native_graph)
     # The rewrite must not change the interface: a broken promise here would
     # surface much later as a parameter that silently fails to load.
     for what in ("list_arguments", "list_auxiliary_states", "list_outputs"):
@@ -260,8 +226,11 @@ def _input_dtypes(block, dtypes):
                         "input order, got %s" % type(dtypes).__name__)
     result = {}
     for name, dtype in items:
-        # An array (the input itself, as passed to the block) stands for its dtype.
-        dtype = getattr(dtype, "dtype", dtype)
+        # An array (the input itself, as passed to the block) stands for its
+        # dtype; a NumPy scalar type (np.float32) has a ``dtype`` attribute
+        # too, a descriptor, so only instances are unwrapped.
+        if not isinstance(dtype, type):
+            dtype = getattr(dtype, "dtype", dtype)
         try:
             result[name] = np.dtype(dtype)
         except TypeError:

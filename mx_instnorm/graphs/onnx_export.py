@@ -28,7 +28,7 @@ import json
 import mxnet as mx
 import numpy as np
 
-from ..operator import _params
+from ..operator import normalize_axis, parse_axis, parse_eps
 from ..operator.custom_op import OP_TYPE
 from .backends import COMPILED_NAME
 
@@ -103,8 +103,8 @@ def convert_instance_norm(node, **kwargs):
 
     name = node["name"]
     attrs = node.get("attrs", {})
-    eps = _params.parse_eps(attrs.get("eps", "0.001"))
-    axis = _params.parse_axis(attrs.get("axis", "1"))
+    eps = parse_eps(attrs.get("eps", "0.001"))
+    axis = parse_axis(attrs.get("axis", "1"))
     data, gamma, beta = _input_names(node, kwargs)
     data_dtype, gamma_dtype, _ = _input_dtypes(node, kwargs)
     if gamma_dtype != data_dtype:
@@ -117,7 +117,7 @@ def convert_instance_norm(node, **kwargs):
                           name=name, epsilon=eps)]
     rank = _data_rank(node, kwargs)
     try:
-        channel = _params.normalize_axis(axis, rank)
+        channel = normalize_axis(axis, rank)
     except ValueError as err:
         raise ValueError("ONNX export of node %r: %s" % (name, err)) from None
     if channel == 1:
@@ -152,7 +152,7 @@ def _custom_converter(previous):
 
 def _compiled_converter(previous):
     """The compiled operator's node converts as the Custom one does (same
-    inputs and attributes; of its outputs only y is ever consumed)."""
+    inputs and attributes, one output)."""
     def convert_compiled(node, **kwargs):
         return convert_instance_norm(node, **kwargs)
     convert_compiled.mx_instnorm_previous = previous

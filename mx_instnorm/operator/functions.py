@@ -18,7 +18,7 @@ from ._errors import explain_errors
 from ._onednn import guard_input, guard_output
 from .custom_op import OP_TYPE
 
-__all__ = ["instance_norm", "nd_instance_norm", "sym_instance_norm"]
+__all__ = ["exec_addto", "instance_norm", "nd_instance_norm", "sym_instance_norm"]
 
 _NDArray = mx.nd.NDArray
 
@@ -44,7 +44,7 @@ def _named(name, suffix):
     return {} if name is None else {"name": name + suffix}
 
 
-def _exec_addto():
+def exec_addto():
     """Whether MXNet may sum gradients in place (``MXNET_EXEC_ENABLE_ADDTO``):
     then an op can be asked to add to any gradient entry."""
     return os.environ.get("MXNET_EXEC_ENABLE_ADDTO", "").strip().lower() not in (
@@ -84,7 +84,7 @@ def _compiled(F, data, gamma, beta, eps, axis, name, out, data_leaf=None):
         return op(data, gamma, beta, **kwargs)
     for param in (gamma, beta):
         _declare_rank_one(param)
-    if _exec_addto() or (data.get_children() is None and data_leaf is not False):
+    if exec_addto() or (data.get_children() is None and data_leaf is not False):
         data = _view(F, data, name, "_data")
     gamma, beta = _view(F, gamma, name, "_gamma"), _view(F, beta, name, "_beta")
     if name is not None:
