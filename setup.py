@@ -231,7 +231,13 @@ setup(
             "onnx==1.14.1; python_version=='3.11'",
             "onnx==1.18.0; python_version=='3.12'",
             "onnxruntime==1.31.1; python_version=='3.11' or python_version=='3.12'",
+            # tests/test_serving.py serves a model with MMS (skips without Java).
+            "multi-model-server==1.1.11",
+            "model-archiver==1.0.3",
         ],
+        # Multi Model Server (docs/serving.md), verified on Python 3.11 and
+        # 3.12 with OpenJDK 17; they add Pillow, psutil, future, enum-compat.
+        "serve": ["multi-model-server==1.1.11", "model-archiver==1.0.3"],
         # `python -m mx_instnorm.bench --plot FILE`
         "bench": ["matplotlib"],
         # ONNX export: MXNet 1.9.1's exporter needs onnx.mapping, which onnx
