@@ -101,6 +101,26 @@ def _mxnet_root():
     return None
 
 
+def _link_flags():
+    """Linker flags for libmx_instnorm.so, all in this one place.
+
+    ``-Wl,-Bsymbolic`` (ELF platforms): the library's own references to
+    the ``mxnet::ext`` classes of ``lib_api.cc`` bind to its own copies.
+    libmxnet.so defines the same symbols; Python loads it ``RTLD_LOCAL``,
+    but a C or C++ program linked against it has them in the global scope,
+    where they would interpose on ours: ``MXLoadLib`` then dies with
+    SIGFPE in the library's static initialisation
+    (``CustomOp::setBackward``). The symbols stay exported, so
+    ``mx.library.load`` and ``MXLoadLib`` still find the library's entry
+    points (``-fvisibility=hidden`` would hide those too: ``lib_api.h``
+    declares them without a visibility attribute). macOS resolves symbols
+    per library (two-level namespaces) and its linker has no ``-Bsymbolic``.
+    """
+    if sys.platform.startswith(("linux", "freebsd")):
+        return ["-Wl,-Bsymbolic"]
+    return []
+
+
 class BuildCompiledOperator(build_ext):
     """``build_ext`` that compiles ``libmx_instnorm.so`` itself (a plain
     shared library, not a Python extension module) into the package, or
@@ -143,6 +163,7 @@ class BuildCompiledOperator(build_ext):
                      "-I", os.path.join(root, "include")]
         cmd += [os.path.join(here, src) for src in ext.sources]
         cmd += [os.path.join(root, "src", "lib_api.cc"), "-o", target + ".tmp"]
+        cmd += _link_flags()
         self.mkpath(os.path.dirname(target))
         try:
             done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -210,7 +231,13 @@ setup(
             "onnx==1.14.1; python_version=='3.11'",
             "onnx==1.18.0; python_version=='3.12'",
             "onnxruntime==1.31.1; python_version=='3.11' or python_version=='3.12'",
+            # tests/test_serving.py serves a model with MMS (skips without Java).
+            "multi-model-server==1.1.11",
+            "model-archiver==1.0.3",
         ],
+        # Multi Model Server (docs/serving.md), verified on Python 3.11 and
+        # 3.12 with OpenJDK 17; they add Pillow, psutil, future, enum-compat.
+        "serve": ["multi-model-server==1.1.11", "model-archiver==1.0.3"],
         # `python -m mx_instnorm.bench --plot FILE`
         "bench": ["matplotlib"],
         # ONNX export: MXNet 1.9.1's exporter needs onnx.mapping, which onnx

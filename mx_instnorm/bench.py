@@ -39,6 +39,13 @@ Flags
                 VmHWM, reset to the current RSS first, since ru_maxrss
                 keeps the parent's and the imports' transient peaks).
 --memory-case NAME   the case --memory uses (default: the first non-tiny).
+--network       instead of single layers, a whole network: a CycleGAN-style
+                ResNet generator (reflection padding, 7x7 and 3x3 convs,
+                9 residual blocks, transposed convs; 23 InstanceNorm layers)
+                with random weights, built-in InstanceNorm against the same
+                network swapped to ours, both hybridized with
+                ``static_alloc``: inference and one SGD training step,
+                interleaved (with --quick: 2 blocks, 64x64 images).
 
 ``ours`` is the backend ``mx_instnorm.backend()`` picks (the compiled
 operator where it is built); when that is the compiled one, ``ours-python``
@@ -626,6 +633,128 @@ def _memory(case, args):
 
 # ------------------------------------------------------------------ main --
 
+# --------------------------------------------------------------- network --
+
+def _resnet_generator(blocks, ngf):
+    """A CycleGAN ResNet generator (as in GluonCV's CycleGAN scripts) with
+    MXNet's built-in ``nn.InstanceNorm`` after every conv but the last."""
+    from mxnet.gluon import nn
+
+    class _Residual(nn.HybridBlock):
+        def __init__(self, channels, **kwargs):
+            super().__init__(**kwargs)
+            with self.name_scope():
+                self.body = nn.HybridSequential()
+                self.body.add(nn.ReflectionPad2D(1), nn.Conv2D(channels, 3, in_channels=channels),
+                              nn.InstanceNorm(in_channels=channels), nn.Activation("relu"),
+                              nn.ReflectionPad2D(1), nn.Conv2D(channels, 3, in_channels=channels),
+                              nn.InstanceNorm(in_channels=channels))
+
+        def hybrid_forward(self, F, x):
+            return x + self.body(x)
+
+    net = nn.HybridSequential()
+    with net.name_scope():
+        net.add(nn.ReflectionPad2D(3), nn.Conv2D(ngf, 7, in_channels=3),
+                nn.InstanceNorm(in_channels=ngf), nn.Activation("relu"))
+        channels = ngf
+        for _ in range(2):
+            net.add(nn.Conv2D(channels * 2, 3, strides=2, padding=1, in_channels=channels),
+                    nn.InstanceNorm(in_channels=channels * 2), nn.Activation("relu"))
+            channels *= 2
+        for _ in range(blocks):
+            net.add(_Residual(channels))
+        for _ in range(2):
+            net.add(nn.Conv2DTranspose(channels // 2, 3, strides=2, padding=1,
+                                       output_padding=1, in_channels=channels),
+                    nn.InstanceNorm(in_channels=channels // 2), nn.Activation("relu"))
+            channels //= 2
+        net.add(nn.ReflectionPad2D(3), nn.Conv2D(3, 7, in_channels=channels),
+                nn.Activation("tanh"))
+    return net
+
+
+def _network(args):
+    """Times the ResNet generator, built-in against swapped (``--network``)."""
+    import tempfile
+
+    import mxnet as mx
+    from mxnet import autograd, gluon
+
+    import mx_instnorm
+    from mx_instnorm.gluon import swap_instance_norm
+
+    blocks, ngf, size = (2, 16, 64) if args.quick else (9, 64, 256)
+    shape = (1, 3, size, size)
+    mx.random.seed(0)
+    nets = {}
+    with tempfile.TemporaryDirectory() as folder:
+        weights = os.path.join(folder, "generator.params")
+        for name in ("builtin", "swapped"):
+            net = _resnet_generator(blocks, ngf)
+            if name == "builtin":
+                net.initialize(mx.init.Normal(0.02))
+                # Random gamma/beta too: the defaults (1, 0) are not a trained net.
+                for pname, param in net.collect_params().items():
+                    if pname.endswith(("_gamma", "_beta")):
+                        param.set_data(mx.nd.random.uniform(0.5, 1.5, param.shape))
+                net.save_parameters(weights)
+            else:
+                net.load_parameters(weights)
+                swap_instance_norm(net)
+            net.hybridize(static_alloc=True, static_shape=True)
+            nets[name] = net
+    layers = sum(1 for _ in _instance_norms(nets["builtin"]))
+    x = mx.nd.random.uniform(-1, 1, shape)
+    outputs = {name: net(x).asnumpy() for name, net in nets.items()}
+    diff = float(np.abs(outputs["swapped"] - outputs["builtin"]).max())
+    if not diff <= 1e-3:
+        print("ABORT: swapped generator differs from the built-in one by %g" % diff,
+              file=sys.stderr)
+        return 2
+
+    def infer(net):
+        return lambda: net(x).wait_to_read()
+
+    def train(net):
+        trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 1e-6})
+
+        def step():
+            with autograd.record():
+                loss = (net(x) ** 2).mean()
+            loss.backward()
+            trainer.step(1)
+            mx.nd.waitall()
+        return step
+
+    print("mx_instnorm %s (%s backend), mxnet %s; CycleGAN ResNet generator, %d residual "
+          "blocks, ngf %d, %d InstanceNorm layers, input %s float32, random weights; "
+          "hybridized static_alloc; MX_INSTNORM_NUM_THREADS=%s OMP_NUM_THREADS=%s; "
+          "repeat %d (medians, interleaved, %d warm-up)"
+          % (mx_instnorm.__version__, mx_instnorm.backend(), mx.__version__, blocks, ngf,
+             layers, shape, os.environ.get("MX_INSTNORM_NUM_THREADS"),
+             os.environ.get("OMP_NUM_THREADS", "(unset)"), args.repeat, args.warmup))
+    print("max |swapped - built-in| of the output: %.2g" % diff)
+    print("load average before: %.2f %.2f %.2f" % os.getloadavg())
+    print("%-16s %12s %12s %9s" % ("mode", "built-in ms", "swapped ms", "speed-up"))
+    for mode, make in (("inference", infer), ("training step", train)):
+        times = _time_interleaved({name: make(net) for name, net in nets.items()},
+                                  args.repeat, args.warmup)
+        print("%-16s %12.1f %12.1f %8.2fx" % (mode, times["builtin"] * 1e3,
+                                             times["swapped"] * 1e3,
+                                             times["builtin"] / times["swapped"]))
+    print("load average after: %.2f %.2f %.2f" % os.getloadavg())
+    return 0
+
+
+def _instance_norms(block):
+    from mxnet.gluon import nn
+    if isinstance(block, nn.InstanceNorm):
+        yield block
+    for child in block._children.values():
+        yield from _instance_norms(child)
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m mx_instnorm.bench",
                                 description=__doc__.split("\n\n")[0])
@@ -638,6 +767,8 @@ def _parse(argv):
     p.add_argument("--plot", metavar="FILE", help="save a GB/s plot (needs matplotlib)")
     p.add_argument("--memory", action="store_true", help="peak RSS of fwd+bwd")
     p.add_argument("--memory-case", help="case for --memory (default: first non-tiny)")
+    p.add_argument("--network", action="store_true",
+                   help="whole network: CycleGAN ResNet generator, built-in vs swapped")
     p.add_argument("--tiny-all", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_memory-child", nargs=2, dest="memory_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -658,6 +789,8 @@ def main(argv=None):
         import mx_instnorm  # noqa: F401 - registers the op
         _memory_child(args.memory_child[0], args.memory_child[1], cases)
         return 0
+    if args.network:
+        return _network(args)
     if args.list:
         for name, (shape, axis) in cases.items():
             print("%-20s shape %s axis %d" % (name, shape, axis))

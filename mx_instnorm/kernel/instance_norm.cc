@@ -680,24 +680,39 @@ bool bad_dtypes(DType data, DType param, std::string* error) {
 
 DType accumulation_dtype(DType data) { return data == kFloat64 ? kFloat64 : kFloat32; }
 
+// MX_INSTNORM_NUM_THREADS if set (a bad value is an error); else the thread
+// settings MXNet itself honours, in MXNet's precedence (src/engine/openmp.cc:
+// MXNET_OMP_MAX_THREADS over OMP_NUM_THREADS), so that a server that gives
+// each worker one thread (Multi Model Server sets OMP_NUM_THREADS=1) is
+// obeyed; else the CPUs this process may run on. Those two are MXNet's and
+// OpenMP's: a value that is not a positive integer is passed over, as
+// OpenMP does, rather than failing our calls; OMP_NUM_THREADS may be a
+// list ("4,2": nesting levels), whose first entry is the outer level.
+// kernel/instance_norm.py's default_num_threads follows the same rules.
 int num_threads_from_env(std::string* error) {
-  const char* env = std::getenv("MX_INSTNORM_NUM_THREADS");
-  if (env != nullptr) {
-    std::string text(env);
+  auto trimmed = [](const char* env) {
+    std::string text(env == nullptr ? "" : env);
     size_t b = text.find_first_not_of(" \t\n\r"), e = text.find_last_not_of(" \t\n\r");
-    if (b != std::string::npos) {
-      text = text.substr(b, e - b + 1);
-      char* end = nullptr;
-      errno = 0;
-      long value = std::strtol(text.c_str(), &end, 10);
-      if (errno != 0 || *end != '\0' || value < 1 || value > 4096) {
-        if (error != nullptr)
-          *error = "MX_INSTNORM_NUM_THREADS must be a positive integer, got '" + text + "'";
-        return 0;
-      }
-      return static_cast<int>(value);
-    }
+    return b == std::string::npos ? std::string() : text.substr(b, e - b + 1);
+  };
+  auto positive = [](const std::string& text) -> int {  // 0: not a count
+    if (text.empty()) return 0;
+    char* end = nullptr;
+    errno = 0;
+    long value = std::strtol(text.c_str(), &end, 10);
+    if (errno != 0 || *end != '\0' || value < 1 || value > 4096) return 0;
+    return static_cast<int>(value);
+  };
+  std::string ours = trimmed(std::getenv("MX_INSTNORM_NUM_THREADS"));
+  if (!ours.empty()) {
+    int value = positive(ours);
+    if (value == 0 && error != nullptr)
+      *error = "MX_INSTNORM_NUM_THREADS must be a positive integer, got '" + ours + "'";
+    return value;
   }
+  if (int value = positive(trimmed(std::getenv("MXNET_OMP_MAX_THREADS")))) return value;
+  std::string omp = trimmed(std::getenv("OMP_NUM_THREADS"));
+  if (int value = positive(trimmed(omp.substr(0, omp.find(',')).c_str()))) return value;
 #if defined(__linux__)
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));

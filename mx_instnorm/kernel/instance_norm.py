@@ -224,7 +224,30 @@ def canonical_shape(shape, axis):
 
 
 def default_num_threads():
-    """``MX_INSTNORM_NUM_THREADS`` if set, else the CPUs this process may use."""
+    """Threads a call splits its work over when not told.
+
+    ``MX_INSTNORM_NUM_THREADS`` if set (anything but a positive integer
+    raises ``ValueError``); else the thread settings MXNet itself honours,
+    in MXNet's precedence: ``MXNET_OMP_MAX_THREADS``, then
+    ``OMP_NUM_THREADS`` (its first entry: OpenMP allows a list per nesting
+    level), each passed over unless a positive integer, as OpenMP does;
+    else the CPUs this process may run on. A server that gives each worker
+    one thread (Multi Model Server sets ``OMP_NUM_THREADS=1``) is obeyed.
+    The compiled kernel's ``num_threads_from_env`` follows the same rules.
+    Read on every call.
+
+    >>> import os
+    >>> saved = dict(os.environ)
+    >>> for name in ("MX_INSTNORM_NUM_THREADS", "MXNET_OMP_MAX_THREADS"):
+    ...     _ = os.environ.pop(name, None)
+    >>> os.environ["OMP_NUM_THREADS"] = "3,1"
+    >>> default_num_threads()
+    3
+    >>> os.environ["MX_INSTNORM_NUM_THREADS"] = "2"
+    >>> default_num_threads()
+    2
+    >>> os.environ.clear(); os.environ.update(saved)
+    """
     env = os.environ.get("MX_INSTNORM_NUM_THREADS", "").strip()
     if env:
         try:
@@ -236,6 +259,10 @@ def default_num_threads():
             raise ValueError("MX_INSTNORM_NUM_THREADS must be a positive "
                              "integer, got %r" % env)
         return value
+    for text in (os.environ.get("MXNET_OMP_MAX_THREADS", ""),
+                 os.environ.get("OMP_NUM_THREADS", "").split(",")[0]):
+        if text.strip().isdigit() and 0 < int(text) <= 4096:
+            return int(text)
     global _cpus
     if _cpus is None:
         try:
