@@ -96,7 +96,11 @@ MX_INSTNORM_INLINE uint32_t half_bits_to_float_bits(uint32_t h) {
   const uint32_t normal = (em << 13) + (112u << 23);
   const uint32_t special = (em << 13) | 0x7f800000u;
   const uint32_t sub = float_to_bits(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
-  return sign | (em < 0x400u ? sub : em >= 0x7c00u ? special : normal);
+  // Masks rather than ?: so that GCC sees no branch around the float
+  // multiply (which it may not speculate) and vectorizes the loop.
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(em < 0x400u);
+  const uint32_t is_special = 0u - static_cast<uint32_t>(em >= 0x7c00u);
+  return sign | (sub & is_sub) | (special & is_special) | (normal & ~(is_sub | is_special));
 }
 
 // float32 bits -> binary16, round to nearest even. Normals: rebias and
@@ -111,9 +115,12 @@ MX_INSTNORM_INLINE uint16_t float_bits_to_half_bits(uint32_t x) {
   const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
   const uint32_t sub = (m + ((1u << (shift - 1)) - 1u) + ((m >> shift) & 1u)) >> shift;
   const uint32_t nan = 0x7e00u | ((ax >> 13) & 0x3ffu);
-  const uint32_t r = ax > 0x7f800000u ? nan
-                   : ax >= 0x477ff000u ? 0x7c00u
-                   : ax >= 0x38800000u ? normal : sub;
+  // Masks, not ?: (GCC leaves branches in a loop unvectorized).
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(ax > 0x7f800000u);
+  const uint32_t is_big = 0u - static_cast<uint32_t>(ax >= 0x477ff000u);  // inf, NaN too
+  const uint32_t is_normal = 0u - static_cast<uint32_t>(ax >= 0x38800000u);
+  const uint32_t r = (nan & is_nan) | (0x7c00u & is_big & ~is_nan) |
+                     (normal & is_normal & ~is_big) | (sub & ~is_normal);
   return static_cast<uint16_t>(sign | r);
 }
 
@@ -121,7 +128,8 @@ MX_INSTNORM_INLINE uint16_t float_bits_to_half_bits(uint32_t x) {
 MX_INSTNORM_INLINE uint16_t float_bits_to_bf16_bits(uint32_t x) {
   const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
   const uint32_t nan = (x >> 16) | 0x40u;
-  return static_cast<uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+  const uint32_t is_nan = 0u - static_cast<uint32_t>((x & 0x7fffffffu) > 0x7f800000u);
+  return static_cast<uint16_t>((nan & is_nan) | (rounded & ~is_nan));
 }
 
 MX_INSTNORM_INLINE float widen(half_t h) { return bits_to_float(half_bits_to_float_bits(h.bits)); }
@@ -196,6 +204,44 @@ MX_INSTNORM_INLINE Vec<float>::type load_bf16x16(const bf16_t* p) {
   const U32x16 bits = __builtin_convertvector(raw, U32x16) << 16;
   return reinterpret_cast<const Vec<float>::type&>(bits);
 }
+
+// 16 floats narrowed as whole vectors: the same integer steps (and so the
+// same bits) as float_bits_to_half_bits / float_bits_to_bf16_bits.
+MX_INSTNORM_INLINE void store_half16(half_t* q, Vec<float>::type v) {
+  const U32x16 x = reinterpret_cast<const U32x16&>(v);
+  const U32x16 sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  const U32x16 normal = (ax + 0xc8000fffu + ((ax >> 13) & 1u)) >> 13;
+  const U32x16 e = ax >> 23;
+  const U32x16 e_lim = e < 125u ? e : U32x16{} + 125u;
+  const U32x16 shift0 = 126u - e_lim;
+  const U32x16 shift = shift0 > 31u ? U32x16{} + 31u : shift0;
+  const U32x16 m = (ax & 0x7fffffu) | 0x800000u;
+  const U32x16 sub = (m + ((1u << (shift - 1u)) - 1u) + ((m >> shift) & 1u)) >> shift;
+  const U32x16 nan = 0x7e00u | ((ax >> 13) & 0x3ffu);
+  const U32x16 is_nan = (U32x16)(ax > 0x7f800000u);
+  const U32x16 is_big = (U32x16)(ax >= 0x477ff000u);
+  const U32x16 is_normal = (U32x16)(ax >= 0x38800000u);
+  const U32x16 r = (nan & is_nan) | (0x7c00u & is_big & ~is_nan) |
+                   (normal & is_normal & ~is_big) | (sub & ~is_normal);
+  const U16x16 out = __builtin_convertvector(sign | r, U16x16);
+  std::memcpy(q, &out, sizeof(out));
+}
+
+MX_INSTNORM_INLINE void store_bf16x16(bf16_t* q, Vec<float>::type v) {
+  const U32x16 x = reinterpret_cast<const U32x16&>(v);
+  const U32x16 rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const U32x16 nan = (x >> 16) | 0x40u;
+  const U32x16 is_nan = (U32x16)((x & 0x7fffffffu) > 0x7f800000u);
+  const U16x16 out = __builtin_convertvector((nan & is_nan) | (rounded & ~is_nan), U16x16);
+  std::memcpy(q, &out, sizeof(out));
+}
+
+template <class T> struct IsHalf : std::false_type {};
+template <> struct IsHalf<half_t> : std::true_type {};
+template <> struct IsHalf<bf16_t> : std::true_type {};
+
+MX_INSTNORM_INLINE void store(half_t* q, Vec<float>::type v) { store_half16(q, v); }
+MX_INSTNORM_INLINE void store(bf16_t* q, Vec<float>::type v) { store_bf16x16(q, v); }
 
 template <class A, class T>
 MX_INSTNORM_INLINE typename Vec<A>::type load(const T* p) {
@@ -346,7 +392,12 @@ MX_INSTNORM_HOT void forward_segments(const Layout& L, const T* x, const P* gamm
       const int64_t off = a * L.c * L.b;
       const T* p = x0 + off;
       T* q = y + (n * L.a * L.c + c) * L.b + off;
-      for (int64_t j = 0; j < L.b; ++j) q[j] = narrow<T>(((widen(p[j]) - K) - mu) * k + b);
+      int64_t j = 0;
+      if constexpr (IsHalf<T>::value) {
+        // Whole vectors (GCC left the fused widen-narrow loop scalar).
+        for (; j + 16 <= L.b; j += 16) store(q + j, ((load<A>(p + j) - K) - mu) * k + b);
+      }
+      for (; j < L.b; ++j) q[j] = narrow<T>(((widen(p[j]) - K) - mu) * k + b);
     }
   }
 }
@@ -509,7 +560,12 @@ MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x,
       const T* g = dy + off;
       const T* p = x + off;
       T* q = dx + off;
-      for (int64_t j = 0; j < L.b; ++j) q[j] = narrow<T>(k * (widen(g[j]) - b1 * (widen(p[j]) - K) + b0));
+      int64_t j = 0;
+      if constexpr (IsHalf<T>::value) {
+        for (; j + 16 <= L.b; j += 16)
+          store(q + j, k * (load<A>(g + j) - b1 * (load<A>(p + j) - K) + b0));
+      }
+      for (; j < L.b; ++j) q[j] = narrow<T>(k * (widen(g[j]) - b1 * (widen(p[j]) - K) + b0));
     }
   }
 }
