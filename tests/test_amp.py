@@ -6,11 +6,11 @@ mixed-precision network with mx_instnorm must be no further from it than
 the one with the built-in.
 
 MXNet's CPU build has no float16 convolution, so for float16 the
-convolutions are kept in float32 (``fp32_ops``) and the float16 part is
-what comes after the first convolution's float32 output... which AMP then
-leaves in float32: the float16 cases check that conversion works and adds
-nothing. ``amp.init`` changes MXNet's functions for the rest of a process,
-so its cases run in a fresh interpreter each.
+convolutions are kept in float32 (``fp32_ops``); nothing upstream of the
+normalization is then float16, and the float16 cases check that
+conversion and training work and change nothing. ``amp.init`` changes
+MXNet's functions for the rest of a process, so its cases run in a fresh
+interpreter each.
 """
 import json
 import os

@@ -63,13 +63,21 @@ def _param_shape(ndim, axis, channels):
     return tuple(shape)
 
 
+def _cast(arr, dtype):
+    """``arr.astype(dtype)``; MXNet casts to and from bfloat16 with amp_cast
+    (round to nearest even)."""
+    if np.dtype(arr.dtype) == _params.BFLOAT16 or np.dtype(dtype) == _params.BFLOAT16:
+        return mx.nd.amp_cast(arr, dtype=dtype)
+    return arr.astype(dtype)
+
+
 def _generic_centered(x, eps, red):
     """``(x - mean, rstd)`` with mx.nd ops, shifted two-pass like the kernel.
 
     One small synchronous read of the per-instance variances decides whether
     any overflowed; only then are those instances recomputed scaled."""
-    if x.dtype == np.float16:
-        x = x.astype(np.float32)
+    if np.dtype(x.dtype) in (np.dtype(np.float16), _params.BFLOAT16):
+        x = _cast(x, np.float32)
     shift = x
     for a in red:
         shift = mx.nd.slice_axis(shift, axis=a, begin=0, end=1)
@@ -224,9 +232,9 @@ class InstanceNormOp(mx.operator.CustomOp):
         acc = d.dtype
         y = mx.nd.broadcast_add(
             mx.nd.broadcast_mul(mx.nd.broadcast_mul(d, rstd),
-                                gamma.astype(acc).reshape(pshape)),
-            beta.astype(acc).reshape(pshape))
-        self.assign(out_data[0], req[0], y.astype(self._dtypes[0]))
+                                _cast(gamma, acc).reshape(pshape)),
+            _cast(beta, acc).reshape(pshape))
+        self.assign(out_data[0], req[0], _cast(y, self._dtypes[0]))
 
     def _generic_backward(self, req, out_grad, in_data, in_grad):
         x, gamma = in_data[0], in_data[1]
@@ -241,22 +249,22 @@ class InstanceNormOp(mx.operator.CustomOp):
         pshape = _param_shape(ndim, axis, shape[axis])
         d, rstd = _generic_centered(x, self._eps, red)
         acc = d.dtype
-        g = out_grad[0].astype(acc)
+        g = _cast(out_grad[0], acc)
         xhat = mx.nd.broadcast_mul(d, rstd)
         c1 = mx.nd.mean(g, axis=red, keepdims=True)
         c2 = mx.nd.mean(g * xhat, axis=red, keepdims=True)
         if req[0] != "null":
-            k = mx.nd.broadcast_mul(gamma.astype(acc).reshape(pshape), rstd)
+            k = mx.nd.broadcast_mul(_cast(gamma, acc).reshape(pshape), rstd)
             dx = mx.nd.broadcast_mul(
                 k, mx.nd.broadcast_sub(g, c1) - mx.nd.broadcast_mul(xhat, c2))
-            self.assign(in_grad[0], req[0], dx.astype(self._dtypes[0]))
+            self.assign(in_grad[0], req[0], _cast(dx, self._dtypes[0]))
         param_axes = tuple(i for i in range(ndim) if i != axis)
         if req[1] != "null":
             self.assign(in_grad[1], req[1],
-                        mx.nd.sum(g * xhat, axis=param_axes).astype(self._dtypes[1]))
+                        _cast(mx.nd.sum(g * xhat, axis=param_axes), self._dtypes[1]))
         if req[2] != "null":
             self.assign(in_grad[2], req[2],
-                        mx.nd.sum(g, axis=param_axes).astype(self._dtypes[2]))
+                        _cast(mx.nd.sum(g, axis=param_axes), self._dtypes[2]))
 
 
 class InstanceNormProp(mx.operator.CustomOpProp):
