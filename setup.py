@@ -121,6 +121,32 @@ def _link_flags():
     return []
 
 
+# MXNet 1.9.1's lib_api.cc refuses dtype code 12 (bfloat16) when it wraps
+# an operator's arrays (MXTensor::setDLTensor: "Invalid dtype flag: 12"),
+# although MXNet hands library operators bfloat16 arrays. The library is
+# built from a copy of the installed lib_api.cc, in the build directory,
+# with that one case added (DLPack's kDLBfloat, 16 bits).
+_BF16_CASE = """  case 12:  // bfloat16 (mshadow::kBfloat16), added by mx_instnorm's build
+    dltensor.dtype.code = 4U;
+    dltensor.dtype.bits = 16;
+    break;
+"""
+
+
+def _lib_api_source(root, build_temp):
+    path = os.path.join(root, "src", "lib_api.cc")
+    with open(path) as f:
+        text = f.read()
+    anchor = "  default:\n    dltensor.dtype.code = 0;"
+    if "case 12:" in text or text.count(anchor) != 1:
+        return path
+    os.makedirs(build_temp, exist_ok=True)
+    patched = os.path.join(build_temp, "lib_api_bf16.cc")
+    with open(patched, "w") as f:
+        f.write(text.replace(anchor, _BF16_CASE + anchor))
+    return patched
+
+
 class BuildCompiledOperator(build_ext):
     """``build_ext`` that compiles ``libmx_instnorm.so`` itself (a plain
     shared library, not a Python extension module) into the package, or
@@ -162,9 +188,9 @@ class BuildCompiledOperator(build_ext):
                      "-I", os.path.join(root, "include", "mxnet"),
                      "-I", os.path.join(root, "include")]
         cmd += [os.path.join(here, src) for src in ext.sources]
-        cmd += [os.path.join(root, "src", "lib_api.cc"), "-o", target + ".tmp"]
-        cmd += _link_flags()
         self.mkpath(os.path.dirname(target))
+        cmd += [_lib_api_source(root, self.build_temp), "-o", target + ".tmp"]
+        cmd += _link_flags()
         try:
             done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   universal_newlines=True)

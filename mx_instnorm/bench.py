@@ -61,7 +61,7 @@ import time
 
 import numpy as np
 
-__all__ = ["main", "CASES", "QUICK_CASES"]
+__all__ = ["main", "CASES", "QUICK_CASES", "HALF_PROVIDERS"]
 
 EPS = 1e-3
 RTOL = 1e-4
@@ -193,6 +193,27 @@ def _builtin_nd(inp):
 def _ours_nd(inp):
     from mx_instnorm.nd import InstanceNorm
     return _nd_callables(inp, lambda x, g, b: InstanceNorm(x, g, b, eps=EPS, axis=inp.axis))
+
+
+# float16 and bfloat16 data (float32 gamma/beta), our operator only: the
+# built-in computes float32 only. Their rows move half the bytes.
+HALF_PROVIDERS = ("ours-float16", "ours-bfloat16")
+
+
+def _half_nd(inp):
+    """{provider: (forward, forward+backward)} on the case's data rounded to
+    float16 and to bfloat16."""
+    import types
+    mx = _mx()
+    from mx_instnorm.nd import InstanceNorm
+    out = {}
+    for prov, cast in (("ours-float16", lambda a: a.astype("float16")),
+                       ("ours-bfloat16", lambda a: mx.nd.amp_cast(
+                           a, dtype=np.dtype([("bfloat16", np.uint16)])))):
+        half = types.SimpleNamespace(x=cast(inp.x), dy=cast(inp.dy), g=inp.g, b=inp.b)
+        out[prov] = _nd_callables(
+            half, lambda x, g, b: InstanceNorm(x, g, b, eps=EPS, axis=inp.axis))
+    return out
 
 
 def _empty_nd(inp):
@@ -403,6 +424,8 @@ def _bench_case(name, shape, axis, args):
         _check(name, "onnxruntime y", ort_fn(), bi_f())
         fwd["onnxruntime"] = ort_fn
     if not _is_tiny(name):
+        for prov, (f, fb_fn) in _half_nd(inp).items():
+            fwd[prov], fb[prov] = f, fb_fn
         fwd["kernel-only"] = _kernel_only(inp, args.threads)
         fwd["mx-copy"] = _mx_copy(inp)
     fwd["memcpy"] = _memcpy(inp)
@@ -423,7 +446,8 @@ def _bench_case(name, shape, axis, args):
     for mode, times, nbytes in (("fwd", fwd_times, 2 * nb), ("fwd+bwd", fb_times, 5 * nb),
                                 ("gluon fwd+bwd", gluon_times, 5 * nb)):
         for prov, sec in times.items():
-            rows.append((name, mode, prov, sec, nbytes))
+            rows.append((name, mode, prov, sec, nbytes // 2 if prov in HALF_PROVIDERS
+                         else nbytes))
     return rows
 
 
@@ -483,6 +507,16 @@ def _summary(rows):
         if parts:
             lines.append("geomean over %d non-tiny cases (%s): %s"
                          % (len(cases), ours, "; ".join(parts)))
+    for prov in HALF_PROVIDERS:
+        parts = []
+        for mode in ("fwd", "fwd+bwd"):
+            ratios = [t[(c, mode, "ours")] / t[(c, mode, prov)] for c in cases
+                      if (c, mode, prov) in t and (c, mode, "ours") in t]
+            if ratios:
+                parts.append("%s %.2fx" % (mode, _geomean(ratios)))
+        if parts:
+            lines.append("geomean per-element rate of %s against float32 ours (target "
+                         ">= 1): %s" % (prov, "; ".join(parts)))
     ctx = []
     for prov, ref, label in (("kernel-only", "memcpy", "Python backend's NumPy kernel alone "
                               "(NumPy arrays, no MXNet op): %.2fx memcpy time"),

@@ -222,7 +222,7 @@ def test_bad_shapes(data, gamma, beta, message):
 
 
 @pytest.mark.parametrize("dtypes,message", [
-    (("int32", "int32", "int32"), "InstanceNorm data must be float16, float32 or float64, got int32"),
+    (("int32", "int32", "int32"), "InstanceNorm data must be float16, bfloat16, float32 or float64, got int32"),
     (("float32", "float64", "float64"),
      "gamma/beta dtype float64 does not match data dtype float32 (allowed: float32)"),
     (("float16", "float64", "float64"),
@@ -301,10 +301,12 @@ def test_symbol_inference_and_executor(rng):
     s = sym_op(data, mx.sym.var("gamma"), mx.sym.var("beta"), eps=1e-3, axis=-1)
     args, outs, _ = s.infer_shape(data=(2, 5, 6, 3))
     assert args == [(2, 5, 6, 3), (3,), (3,)] and outs == [(2, 5, 6, 3)]
+    # Half data infers float32 parameters (AMP keeps them float32) unless
+    # they are given.
     args, outs, _ = s.infer_type(data=np.float16)
-    assert args == [np.float16] * 3 and outs == [np.float16]
-    args, _, _ = s.infer_type(data=np.float16, gamma=np.float32)
-    assert args == [np.float16, np.float32, np.float32]
+    assert args == [np.float16, np.float32, np.float32] and outs == [np.float16]
+    args, _, _ = s.infer_type(data=np.float16, gamma=np.float16)
+    assert args == [np.float16] * 3
     args, outs, _ = s.infer_type(data=np.float64)
     assert args == [np.float64] * 3 and outs == [np.float64]
 

@@ -80,11 +80,11 @@ ND_CASES = [
     ("eps_none", (2, 3, 4), "float32", (3,), "float32", (3,), "float32", {"eps": None},
      TypeError, "eps must be a number, got None"),
     ("dtype_int32", (2, 3, 4), "int32", (3,), "int32", (3,), "int32", {},
-     TypeError, "data must be float16, float32 or float64, got int32"),
+     TypeError, "data must be float16, bfloat16, float32 or float64, got int32"),
     ("dtype_uint8", (2, 3, 4), "uint8", (3,), "uint8", (3,), "uint8", {},
-     TypeError, "data must be float16, float32 or float64, got uint8"),
+     TypeError, "data must be float16, bfloat16, float32 or float64, got uint8"),
     ("dtype_bool", (2, 3, 4), "bool", (3,), "float32", (3,), "float32", {},
-     TypeError, "data must be float16, float32 or float64, got bool"),
+     TypeError, "data must be float16, bfloat16, float32 or float64, got bool"),
     ("dtype_mismatch", (2, 3, 4), "float64", (3,), "float32", (3,), "float32", {},
      TypeError, "gamma/beta dtype float32 does not match data dtype float64 (allowed: float64)"),
     ("dtype_mismatch_half", (2, 3, 4), "float16", (3,), "float64", (3,), "float64", {},
@@ -186,7 +186,7 @@ def test_sym_bind_shape_error(capfd, usable, shapes, kwargs, message):
 
 
 @pytest.mark.parametrize("types,message", [
-    ({"n_data": np.int32}, "data must be float16, float32 or float64, got int32"),
+    ({"n_data": np.int32}, "data must be float16, bfloat16, float32 or float64, got int32"),
     ({"n_data": np.float64, "n_gamma": np.float32},
      "gamma/beta dtype float32 does not match data dtype float64"),
     ({"n_data": np.float32, "n_gamma": np.float32, "n_beta": np.float64},
@@ -340,7 +340,7 @@ def test_explain_errors_sym_bind(usable, shapes, kwargs, message):
 
 
 @pytest.mark.parametrize("types,message", [
-    ({"n_data": np.int32}, "data must be float16, float32 or float64, got int32"),
+    ({"n_data": np.int32}, "data must be float16, bfloat16, float32 or float64, got int32"),
     ({"n_data": np.float64, "n_gamma": np.float32},
      "gamma/beta dtype float32 does not match data dtype float64"),
 ], ids=["int32", "mismatch"])

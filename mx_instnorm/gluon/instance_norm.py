@@ -14,8 +14,9 @@ class InstanceNorm(HybridBlock):
     A drop-in for :class:`mxnet.gluon.nn.InstanceNorm`: same constructor,
     same parameter names and ``grad_req`` rules, same ``repr`` and prefix,
     so parameter files move between the two. It computes with
-    mx_instnorm's operator (float16/32/64, shifted two-pass statistics, any
-    channel axis without transposes).
+    mx_instnorm's operator (float16/32/64 and bfloat16 data with float32
+    parameters, shifted two-pass statistics, any channel axis without
+    transposes).
 
     .. math::
 

@@ -67,49 +67,80 @@ namespace mx_instnorm {
 
 namespace {
 
-#if defined(__FLT16_MAX__)
-typedef _Float16 half_t;
-MX_INSTNORM_INLINE float widen(half_t v) { return static_cast<float>(v); }
-template <class T> MX_INSTNORM_INLINE T narrow(float v) { return static_cast<T>(v); }
-#else
-// No _Float16 in this compiler: IEEE binary16 by bit manipulation.
-struct half_t { uint16_t bits; };
-MX_INSTNORM_INLINE float widen(half_t h) {
-  uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
-  uint32_t exp = (h.bits >> 10) & 0x1fu, man = h.bits & 0x3ffu, bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal
-    float f = std::ldexp(static_cast<float>(man), -24);
-    std::memcpy(&bits, &f, 4);
-    bits |= sign;
-  }
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
+// Half-precision storage types, converted to and from float with integer
+// arithmetic written so that GCC vectorizes it in every target_clones clone
+// (AVX2: 8 lanes, AVX-512: 16). GCC 12 converts _Float16 one element at a
+// time (vcvtph2ps with F16C, a libgcc call without), which made float16
+// 15-18x slower than float32; these are exact (widening) and round to
+// nearest even (narrowing), bit for bit what F16C's vcvtps2ph (imm 4 under
+// the default MXCSR) and NumPy give, on every clone and thread count.
+struct half_t { uint16_t bits; };  // IEEE binary16
+struct bf16_t { uint16_t bits; };  // bfloat16: the top half of a float32
+
+MX_INSTNORM_INLINE float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
 }
-MX_INSTNORM_INLINE half_t narrow_half(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
-  uint32_t ax = x & 0x7fffffffu;
-  if (ax >= 0x7f800000u) return {static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0))};
-  if (ax >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // overflow
-  if (ax < 0x38800000u) {  // subnormal or zero: round to nearest even
-    float r = std::fabs(f) * 16777216.0f;  // 2^24
-    return {static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(r)))};
-  }
-  uint32_t mant_odd = (ax >> 13) & 1u;
-  ax += 0xc8000fffu + mant_odd;  // rebias exponent and round to nearest even
-  return {static_cast<uint16_t>(sign | (ax >> 13))};
+MX_INSTNORM_INLINE uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
 }
+
+// binary16 -> float32 bits: normals rebias the exponent (+112), inf/NaN
+// keep an all-ones exponent, subnormals are em * 2^-24 (an exact int to
+// float conversion and a power-of-two scaling with a normal result).
+MX_INSTNORM_INLINE uint32_t half_bits_to_float_bits(uint32_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, em = h & 0x7fffu;
+  const uint32_t normal = (em << 13) + (112u << 23);
+  const uint32_t special = (em << 13) | 0x7f800000u;
+  const uint32_t sub = float_to_bits(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);
+  // Masks rather than ?: so that GCC sees no branch around the float
+  // multiply (which it may not speculate) and vectorizes the loop.
+  const uint32_t is_sub = 0u - static_cast<uint32_t>(em < 0x400u);
+  const uint32_t is_special = 0u - static_cast<uint32_t>(em >= 0x7c00u);
+  return sign | (sub & is_sub) | (special & is_special) | (normal & ~(is_sub | is_special));
+}
+
+// float32 bits -> binary16, round to nearest even. Normals: rebias and
+// round at bit 13; overflow (>= 65520) gives inf; NaN stays a (quiet) NaN
+// with the top payload bits; subnormals: the significand with its hidden
+// bit shifted right by 126 - exponent, rounded to nearest even.
+MX_INSTNORM_INLINE uint16_t float_bits_to_half_bits(uint32_t x) {
+  const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  const uint32_t normal = (ax + 0xc8000fffu + ((ax >> 13) & 1u)) >> 13;
+  const uint32_t e = ax >> 23;
+  const uint32_t shift = std::max<uint32_t>(1u, std::min<uint32_t>(126u - std::min<uint32_t>(e, 125u), 31u));
+  const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+  const uint32_t sub = (m + ((1u << (shift - 1)) - 1u) + ((m >> shift) & 1u)) >> shift;
+  const uint32_t nan = 0x7e00u | ((ax >> 13) & 0x3ffu);
+  // Masks, not ?: (GCC leaves branches in a loop unvectorized).
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(ax > 0x7f800000u);
+  const uint32_t is_big = 0u - static_cast<uint32_t>(ax >= 0x477ff000u);  // inf, NaN too
+  const uint32_t is_normal = 0u - static_cast<uint32_t>(ax >= 0x38800000u);
+  const uint32_t r = (nan & is_nan) | (0x7c00u & is_big & ~is_nan) |
+                     (normal & is_normal & ~is_big) | (sub & ~is_normal);
+  return static_cast<uint16_t>(sign | r);
+}
+
+// float32 bits -> bfloat16, round to nearest even; NaN stays a quiet NaN.
+MX_INSTNORM_INLINE uint16_t float_bits_to_bf16_bits(uint32_t x) {
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const uint32_t nan = (x >> 16) | 0x40u;
+  const uint32_t is_nan = 0u - static_cast<uint32_t>((x & 0x7fffffffu) > 0x7f800000u);
+  return static_cast<uint16_t>((nan & is_nan) | (rounded & ~is_nan));
+}
+
+MX_INSTNORM_INLINE float widen(half_t h) { return bits_to_float(half_bits_to_float_bits(h.bits)); }
+MX_INSTNORM_INLINE float widen(bf16_t h) { return bits_to_float(static_cast<uint32_t>(h.bits) << 16); }
 template <class T> MX_INSTNORM_INLINE T narrow(float v) { return static_cast<T>(v); }
-template <> MX_INSTNORM_INLINE half_t narrow<half_t>(float v) { return narrow_half(v); }
-#endif
+template <> MX_INSTNORM_INLINE half_t narrow<half_t>(float v) {
+  return {float_bits_to_half_bits(float_to_bits(v))};
+}
+template <> MX_INSTNORM_INLINE bf16_t narrow<bf16_t>(float v) {
+  return {float_bits_to_bf16_bits(float_to_bits(v))};
+}
 
 MX_INSTNORM_INLINE float widen(float v) { return v; }
 MX_INSTNORM_INLINE double widen(double v) { return v; }
@@ -147,11 +178,80 @@ template <> struct Vec<double> {
   static constexpr int lanes = 8;
 };
 
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef int32_t I32x16 __attribute__((vector_size(64)));
+
+// 16 float16 values widened as whole vectors: the same integer steps as
+// half_bits_to_float_bits, lane-wise.
+MX_INSTNORM_INLINE Vec<float>::type load_half16(const half_t* p) {
+  U16x16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const U32x16 h = __builtin_convertvector(raw, U32x16);
+  const U32x16 sign = (h & 0x8000u) << 16, em = h & 0x7fffu;
+  const U32x16 normal = (em << 13) + (112u << 23);
+  const U32x16 special = (em << 13) | 0x7f800000u;
+  const Vec<float>::type subf =
+      __builtin_convertvector(reinterpret_cast<const I32x16&>(em), Vec<float>::type) * 0x1p-24f;
+  const U32x16 sub = reinterpret_cast<const U32x16&>(subf);
+  const U32x16 bits = sign | (em < 0x400u ? sub : em >= 0x7c00u ? special : normal);
+  return reinterpret_cast<const Vec<float>::type&>(bits);
+}
+
+MX_INSTNORM_INLINE Vec<float>::type load_bf16x16(const bf16_t* p) {
+  U16x16 raw;
+  std::memcpy(&raw, p, sizeof(raw));
+  const U32x16 bits = __builtin_convertvector(raw, U32x16) << 16;
+  return reinterpret_cast<const Vec<float>::type&>(bits);
+}
+
+// 16 floats narrowed as whole vectors: the same integer steps (and so the
+// same bits) as float_bits_to_half_bits / float_bits_to_bf16_bits.
+MX_INSTNORM_INLINE void store_half16(half_t* q, Vec<float>::type v) {
+  const U32x16 x = reinterpret_cast<const U32x16&>(v);
+  const U32x16 sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  const U32x16 normal = (ax + 0xc8000fffu + ((ax >> 13) & 1u)) >> 13;
+  const U32x16 e = ax >> 23;
+  const U32x16 e_lim = e < 125u ? e : U32x16{} + 125u;
+  const U32x16 shift0 = 126u - e_lim;
+  const U32x16 shift = shift0 > 31u ? U32x16{} + 31u : shift0;
+  const U32x16 m = (ax & 0x7fffffu) | 0x800000u;
+  const U32x16 sub = (m + ((1u << (shift - 1u)) - 1u) + ((m >> shift) & 1u)) >> shift;
+  const U32x16 nan = 0x7e00u | ((ax >> 13) & 0x3ffu);
+  const U32x16 is_nan = (U32x16)(ax > 0x7f800000u);
+  const U32x16 is_big = (U32x16)(ax >= 0x477ff000u);
+  const U32x16 is_normal = (U32x16)(ax >= 0x38800000u);
+  const U32x16 r = (nan & is_nan) | (0x7c00u & is_big & ~is_nan) |
+                   (normal & is_normal & ~is_big) | (sub & ~is_normal);
+  const U16x16 out = __builtin_convertvector(sign | r, U16x16);
+  std::memcpy(q, &out, sizeof(out));
+}
+
+MX_INSTNORM_INLINE void store_bf16x16(bf16_t* q, Vec<float>::type v) {
+  const U32x16 x = reinterpret_cast<const U32x16&>(v);
+  const U32x16 rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const U32x16 nan = (x >> 16) | 0x40u;
+  const U32x16 is_nan = (U32x16)((x & 0x7fffffffu) > 0x7f800000u);
+  const U16x16 out = __builtin_convertvector((nan & is_nan) | (rounded & ~is_nan), U16x16);
+  std::memcpy(q, &out, sizeof(out));
+}
+
+template <class T> struct IsHalf : std::false_type {};
+template <> struct IsHalf<half_t> : std::true_type {};
+template <> struct IsHalf<bf16_t> : std::true_type {};
+
+MX_INSTNORM_INLINE void store(half_t* q, Vec<float>::type v) { store_half16(q, v); }
+MX_INSTNORM_INLINE void store(bf16_t* q, Vec<float>::type v) { store_bf16x16(q, v); }
+
 template <class A, class T>
 MX_INSTNORM_INLINE typename Vec<A>::type load(const T* p) {
   typename Vec<A>::type v;
   if constexpr (std::is_same<T, A>::value) {
     std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same<T, half_t>::value && std::is_same<A, float>::value) {
+    v = load_half16(p);
+  } else if constexpr (std::is_same<T, bf16_t>::value && std::is_same<A, float>::value) {
+    v = load_bf16x16(p);
   } else {
     for (int l = 0; l < Vec<A>::lanes; ++l) v[l] = widen(p[l]);
   }
@@ -292,7 +392,12 @@ MX_INSTNORM_HOT void forward_segments(const Layout& L, const T* x, const P* gamm
       const int64_t off = a * L.c * L.b;
       const T* p = x0 + off;
       T* q = y + (n * L.a * L.c + c) * L.b + off;
-      for (int64_t j = 0; j < L.b; ++j) q[j] = narrow<T>(((widen(p[j]) - K) - mu) * k + b);
+      int64_t j = 0;
+      if constexpr (IsHalf<T>::value) {
+        // Whole vectors (GCC left the fused widen-narrow loop scalar).
+        for (; j + 16 <= L.b; j += 16) store(q + j, ((load<A>(p + j) - K) - mu) * k + b);
+      }
+      for (; j < L.b; ++j) q[j] = narrow<T>(((widen(p[j]) - K) - mu) * k + b);
     }
   }
 }
@@ -455,7 +560,12 @@ MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x,
       const T* g = dy + off;
       const T* p = x + off;
       T* q = dx + off;
-      for (int64_t j = 0; j < L.b; ++j) q[j] = narrow<T>(k * (widen(g[j]) - b1 * (widen(p[j]) - K) + b0));
+      int64_t j = 0;
+      if constexpr (IsHalf<T>::value) {
+        for (; j + 16 <= L.b; j += 16)
+          store(q + j, k * (load<A>(g + j) - b1 * (load<A>(p + j) - K) + b0));
+      }
+      for (; j < L.b; ++j) q[j] = narrow<T>(k * (widen(g[j]) - b1 * (widen(p[j]) - K) + b0));
     }
   }
 }
@@ -671,6 +781,7 @@ void run_backward(const Layout& L, const void* dyv, const void* xv, const void* 
 
 bool bad_dtypes(DType data, DType param, std::string* error) {
   bool ok = (data == kFloat16 && (param == kFloat16 || param == kFloat32)) ||
+            (data == kBfloat16 && (param == kBfloat16 || param == kFloat32)) ||
             (data == kFloat32 && param == kFloat32) || (data == kFloat64 && param == kFloat64);
   if (!ok && error != nullptr) *error = "unsupported data/parameter dtype combination";
   return !ok;
@@ -734,6 +845,10 @@ void with_types(DType data, DType param, F&& f) {
     f(Types<half_t, half_t>{});
   else if (data == kFloat16)
     f(Types<half_t, float>{});
+  else if (data == kBfloat16 && param == kBfloat16)
+    f(Types<bf16_t, bf16_t>{});
+  else if (data == kBfloat16)
+    f(Types<bf16_t, float>{});
   else if (data == kFloat32)
     f(Types<float, float>{});
   else

@@ -13,7 +13,7 @@
 namespace mx_instnorm {
 
 // Element types the kernel handles.
-enum DType : int { kFloat16 = 0, kFloat32 = 1, kFloat64 = 2 };
+enum DType : int { kFloat16 = 0, kFloat32 = 1, kFloat64 = 2, kBfloat16 = 3 };
 
 // Data of rank >= 3 viewed, without copying, as (N, A, C, B): instance
 // (n, c) is x[n, :, c, :], of M = A * B elements.
@@ -21,8 +21,9 @@ struct Layout {
   int64_t n, a, c, b;
 };
 
-// The accumulation dtype of data of dtype `data`: float32 for float16
-// (float16 sums overflow at 65504 and keep 11 bits), else the data's own.
+// The accumulation dtype of data of dtype `data`: float32 for float16 and
+// bfloat16 (float16 sums overflow at 65504 and keep 11 bits, bfloat16 sums
+// keep 8), else the data's own.
 DType accumulation_dtype(DType data);
 
 // Threads for one call: MX_INSTNORM_NUM_THREADS if set (read on every
@@ -33,7 +34,7 @@ int num_threads_from_env(std::string* error);
 // Forward: y = (x - mean) * rstd * gamma + beta per instance.
 //   x, y:        N*A*C*B elements of dtype `data`, C-contiguous.
 //   gamma, beta: C elements of dtype `param` (== data, or float32 with
-//                float16 data).
+//                float16 or bfloat16 data).
 //   mean, rstd:  N*C elements of accumulation_dtype(data), written when
 //                not null; NaN for empty instances (M == 0).
 // Returns false (and sets `error`) for an unsupported dtype combination.

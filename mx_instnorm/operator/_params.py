@@ -11,9 +11,26 @@ import numbers
 import numpy as np
 
 __all__ = ["parse_eps", "parse_axis", "normalize_axis", "check_data_shape",
-           "check_param_shape", "check_dtypes", "SUPPORTED_DATA_DTYPES"]
+           "check_param_shape", "check_dtypes", "dtype_name", "BFLOAT16",
+           "SUPPORTED_DATA_DTYPES"]
 
-SUPPORTED_DATA_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+# MXNet 1.9's bfloat16 (mxnet.ndarray.bfloat16, dtype code 12): a NumPy
+# structured dtype over uint16, since NumPy has no bfloat16 of its own.
+BFLOAT16 = np.dtype([("bfloat16", np.uint16)])
+
+SUPPORTED_DATA_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64),
+                         BFLOAT16)
+_HALF_DTYPES = (np.dtype(np.float16), BFLOAT16)
+
+
+def dtype_name(dtype):
+    """``'bfloat16'`` for MXNet's bfloat16, else NumPy's name.
+
+    >>> dtype_name(BFLOAT16), dtype_name(np.float16)
+    ('bfloat16', 'float16')
+    """
+    dtype = np.dtype(dtype)
+    return "bfloat16" if dtype == BFLOAT16 else str(dtype)
 
 
 def parse_eps(value, name="eps"):
@@ -94,21 +111,23 @@ def check_param_shape(name, shape, channels):
 
 
 def check_dtypes(data, gamma, beta):
-    """Data float16/32/64; gamma and beta the data's dtype, or both float32
-    with float16 data (mixed precision, as BatchNorm allows).
+    """Data float16/bfloat16/float32/float64; gamma and beta the data's
+    dtype, or both float32 with float16 or bfloat16 data (mixed precision,
+    as BatchNorm allows; what AMP keeps its parameters in).
 
     Arguments are anything ``np.dtype`` accepts; returns the parameter dtype.
     """
     data = np.dtype(data)
     if data not in SUPPORTED_DATA_DTYPES:
-        raise TypeError("InstanceNorm data must be float16, float32 or float64, "
-                        "got %s" % data)
+        raise TypeError("InstanceNorm data must be float16, bfloat16, float32 or float64, "
+                        "got %s" % dtype_name(data))
     gamma, beta = np.dtype(gamma), np.dtype(beta)
     if gamma != beta:
         raise TypeError("gamma and beta must have the same dtype, got gamma %s "
-                        "and beta %s" % (gamma, beta))
-    allowed = (data, np.dtype(np.float32)) if data == np.float16 else (data,)
+                        "and beta %s" % (dtype_name(gamma), dtype_name(beta)))
+    allowed = (data, np.dtype(np.float32)) if data in _HALF_DTYPES else (data,)
     if gamma not in allowed:
         raise TypeError("gamma/beta dtype %s does not match data dtype %s "
-                        "(allowed: %s)" % (gamma, data, ", ".join(str(a) for a in allowed)))
+                        "(allowed: %s)" % (dtype_name(gamma), dtype_name(data),
+                                           ", ".join(dtype_name(a) for a in allowed)))
     return gamma

@@ -32,9 +32,39 @@ from ._errors import record_errors
 from ._ndview import numpy_view
 from .backend import implementation
 
-__all__ = ["OP_TYPE", "InstanceNormOp", "InstanceNormProp"]
+__all__ = ["OP_TYPE", "InstanceNormOp", "InstanceNormProp",
+           "bf16_to_float32", "float32_to_bf16"]
 
 OP_TYPE = "mx_instnorm.InstanceNorm"
+
+
+_BF16_BITS = np.dtype(np.uint16)
+
+
+def bf16_to_float32(bits):
+    """bfloat16 bit patterns (uint16) as float32 values: exact.
+
+    >>> bf16_to_float32(np.array([0x3f80, 0xc040], np.uint16))
+    array([ 1., -3.], dtype=float32)
+    """
+    return (np.asarray(bits, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(values):
+    """float32 values as bfloat16 bit patterns, rounded to nearest even; a
+    NaN stays a quiet NaN.
+
+    >>> [hex(b) for b in float32_to_bf16(np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8]))]
+    ['0x3f80', '0x3f80', '0x3f82']
+    """
+    values = np.ascontiguousarray(values, np.float32)
+    bits = values.view(np.uint32)
+    with np.errstate(over="ignore"):
+        rounded = ((bits + np.uint32(0x7fff) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
+    return rounded
 
 
 class InstanceNormOp(mx.operator.CustomOp):
@@ -58,6 +88,9 @@ class InstanceNormOp(mx.operator.CustomOp):
         return numpy_view(arr, self._shapes[which], self._dtypes[which])
 
     def forward(self, is_train, req, in_data, out_data, aux):
+        if self._path == "numpy" and self._dtypes[0] == _params.BFLOAT16:
+            self._bf16_forward(req, in_data, out_data)
+            return
         if self._path == "numpy":
             x = self._view(in_data[0], 0)
             y = None if req[0] == "null" else self._view(out_data[0], 0)
@@ -72,6 +105,9 @@ class InstanceNormOp(mx.operator.CustomOp):
 
     def backward(self, req, out_grad, in_data, out_data, in_grad, aux):
         if all(r == "null" for r in req):
+            return
+        if self._path == "numpy" and self._dtypes[0] == _params.BFLOAT16:
+            self._bf16_backward(req, out_grad, in_data, in_grad)
             return
         if self._path == "numpy":
             x = self._view(in_data[0], 0)
@@ -88,13 +124,51 @@ class InstanceNormOp(mx.operator.CustomOp):
             return
         self._generic_backward(req, out_grad, in_data, in_grad)
 
+    # -- bfloat16 (fast path) ---------------------------------------------
+    # NumPy has no bfloat16 arithmetic: the NumPy kernel computes in float32
+    # from the exactly widened data and each result is rounded once, to
+    # nearest even, into bfloat16 (as the compiled kernel does).
+    def _float32(self, arr, which):
+        if self._dtypes[which] == _params.BFLOAT16:
+            return bf16_to_float32(numpy_view(arr, self._shapes[which], _BF16_BITS))
+        return self._view(arr, which)
+
+    def _put(self, arr, which, req, value):
+        if req == "null":
+            return
+        if self._dtypes[which] != _params.BFLOAT16:
+            dst = self._view(arr, which)
+            dst[...] = dst + value if req == "add" else value
+            return
+        dst = numpy_view(arr, self._shapes[which], _BF16_BITS)
+        dst[...] = float32_to_bf16(bf16_to_float32(dst) + value if req == "add" else value)
+
+    def _bf16_forward(self, req, in_data, out_data):
+        x = self._float32(in_data[0], 0)
+        # The statistics are recomputed in backward (these widened copies
+        # have no address to recognize the data by).
+        y, _, _ = kernel.instance_norm_forward(
+            x, self._float32(in_data[1], 1), self._float32(in_data[2], 2),
+            self._eps, self._axis, req="write" if req[0] != "null" else "null")
+        if y is not None:
+            self._put(out_data[0], 0, req[0], y)
+
+    def _bf16_backward(self, req, out_grad, in_data, in_grad):
+        grads = kernel.instance_norm_backward(
+            self._float32(out_grad[0], 0), self._float32(in_data[0], 0),
+            self._float32(in_data[1], 1), None, None, self._eps, self._axis,
+            req=tuple("null" if r == "null" else "write" for r in req))
+        for i, (r, g) in enumerate(zip(req, grads)):
+            if g is not None:
+                self._put(in_grad[i], i, r, g)
+
     # -- generic path ------------------------------------------------------
     def _generic_forward(self, req, in_data, out_data):
         x, gamma, beta = in_data
         if 0 in self._shapes[0]:
             return
         y = generic.forward(x, gamma, beta, self._eps, self._axis)
-        self.assign(out_data[0], req[0], y.astype(self._dtypes[0]))
+        self.assign(out_data[0], req[0], generic.cast(y, self._dtypes[0]))
 
     def _generic_backward(self, req, out_grad, in_data, in_grad):
         if 0 in self._shapes[0]:
@@ -106,7 +180,7 @@ class InstanceNormOp(mx.operator.CustomOp):
                                  self._axis, want=[r != "null" for r in req])
         for i, grad in enumerate(grads):
             if grad is not None:
-                self.assign(in_grad[i], req[i], grad.astype(self._dtypes[i]))
+                self.assign(in_grad[i], req[i], generic.cast(grad, self._dtypes[i]))
 
 
 class InstanceNormProp(mx.operator.CustomOpProp):
@@ -170,7 +244,10 @@ class InstanceNormProp(mx.operator.CustomOpProp):
         if data is None:
             data = gamma if gamma is not None else np.float32
         if gamma is None and beta is None:
-            gamma = beta = data
+            # Half data keeps float32 parameters, as AMP wants them and as
+            # the compiled operator infers.
+            half = np.dtype(data) in (np.dtype(np.float16), _params.BFLOAT16)
+            gamma = beta = np.float32 if half else data
         elif gamma is None:
             gamma = beta
         elif beta is None:

@@ -166,9 +166,11 @@ def nd_instance_norm(data, gamma, beta, eps=1e-3, axis=1, out=None, name=None):
     Parameters
     ----------
     data : NDArray
-        float16, float32 or float64, rank >= 3, batch on axis 0.
+        float16, bfloat16, float32 or float64, rank >= 3, batch on axis 0.
+        On the Python backend bfloat16 is widened to float32 (exactly) for
+        the NumPy kernel and each result rounded back to nearest even.
     gamma, beta : NDArray, shape (C,)
-        Same dtype as ``data`` (or float32 with float16 data).
+        Same dtype as ``data`` (or float32 with float16 or bfloat16 data).
     eps : float, default 1e-3
         Added to the variance, inside the square root; >= 0.
     axis : int, default 1

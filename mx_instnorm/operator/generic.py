@@ -34,6 +34,8 @@ Examples
 import mxnet as mx
 import numpy as np
 
+from ._params import BFLOAT16
+
 __all__ = ["forward", "backward"]
 
 
@@ -58,11 +60,19 @@ def _two_pass(x, red):
     return centred, mx.nd.mean(mx.nd.square(centred), axis=red, keepdims=True)
 
 
+def cast(arr, dtype):
+    """``arr.astype(dtype)``; to and from bfloat16 MXNet casts with
+    ``amp_cast`` (round to nearest even)."""
+    if np.dtype(arr.dtype) == BFLOAT16 or np.dtype(dtype) == BFLOAT16:
+        return mx.nd.amp_cast(arr, dtype=dtype)
+    return arr.astype(dtype)
+
+
 def normalized(x, eps, red):
     """``(xhat, rstd)`` for every instance of ``x`` (reduced over ``red``),
     in the accumulation dtype; ``rstd`` keeps the reduced axes (size 1)."""
-    if x.dtype == np.float16:
-        x = x.astype(np.float32)
+    if np.dtype(x.dtype) in (np.dtype(np.float16), BFLOAT16):
+        x = cast(x, np.float32)
     centred, var = _two_pass(x, red)
     finite = np.isfinite(var.asnumpy())
     if finite.all():
@@ -90,8 +100,8 @@ def forward(x, gamma, beta, eps, axis):
     xhat, _ = normalized(x, eps, _reduce_axes(ndim, axis))
     acc = xhat.dtype
     return mx.nd.broadcast_add(
-        mx.nd.broadcast_mul(xhat, gamma.astype(acc).reshape(pshape)),
-        beta.astype(acc).reshape(pshape))
+        mx.nd.broadcast_mul(xhat, cast(gamma, acc).reshape(pshape)),
+        cast(beta, acc).reshape(pshape))
 
 
 def backward(g, x, gamma, eps, axis, want=(True, True, True)):
@@ -101,14 +111,14 @@ def backward(g, x, gamma, eps, axis, want=(True, True, True)):
     red = _reduce_axes(ndim, axis)
     xhat, rstd = normalized(x, eps, red)
     acc = xhat.dtype
-    g = g.astype(acc)
+    g = cast(g, acc)
     gxhat = g * xhat
     dx = dgamma = dbeta = None
     if want[0]:
         pshape = _param_shape(ndim, axis, x.shape[axis])
         c1 = mx.nd.mean(g, axis=red, keepdims=True)
         c2 = mx.nd.mean(gxhat, axis=red, keepdims=True)
-        k = mx.nd.broadcast_mul(gamma.astype(acc).reshape(pshape), rstd)
+        k = mx.nd.broadcast_mul(cast(gamma, acc).reshape(pshape), rstd)
         dx = mx.nd.broadcast_mul(
             k, mx.nd.broadcast_sub(g, c1) - mx.nd.broadcast_mul(xhat, c2))
     param_axes = tuple(i for i in range(ndim) if i != axis)

@@ -164,11 +164,16 @@ bool layout_of(const std::vector<int64_t>& shape, int axis, mx_instnorm::Layout*
   return true;
 }
 
+// MXNet's dtype code for bfloat16 (mshadow::kBfloat16): lib_api.h's
+// MXDType does not list it, but library operators receive it.
+constexpr int kMxBfloat16 = 12;
+
 const char* dtype_name(int t) {
   switch (t) {
     case mxnet::ext::kFloat32: return "float32";
     case mxnet::ext::kFloat64: return "float64";
     case mxnet::ext::kFloat16: return "float16";
+    case kMxBfloat16: return "bfloat16";
     case mxnet::ext::kUint8: return "uint8";
     case mxnet::ext::kInt32: return "int32";
     case mxnet::ext::kInt8: return "int8";
@@ -178,19 +183,23 @@ const char* dtype_name(int t) {
 }
 
 bool is_float(int t) {
-  return t == mxnet::ext::kFloat16 || t == mxnet::ext::kFloat32 || t == mxnet::ext::kFloat64;
+  return t == mxnet::ext::kFloat16 || t == mxnet::ext::kFloat32 || t == mxnet::ext::kFloat64 ||
+         t == kMxBfloat16;
 }
+
+bool is_half(int t) { return t == mxnet::ext::kFloat16 || t == kMxBfloat16; }
 
 mx_instnorm::DType kernel_dtype(int t) {
-  return t == mxnet::ext::kFloat16 ? mx_instnorm::kFloat16
-       : t == mxnet::ext::kFloat64 ? mx_instnorm::kFloat64 : mx_instnorm::kFloat32;
+  return t == mxnet::ext::kFloat16    ? mx_instnorm::kFloat16
+       : t == kMxBfloat16 ? mx_instnorm::kBfloat16
+       : t == mxnet::ext::kFloat64  ? mx_instnorm::kFloat64 : mx_instnorm::kFloat32;
 }
 
-// check_dtypes of _params.py: data float16/32/64; gamma and beta the data's
-// dtype, or both float32 with float16 data.
+// check_dtypes of _params.py: data float16/bfloat16/32/64; gamma and beta
+// the data's dtype, or both float32 with float16 or bfloat16 data.
 bool check_dtypes(int data, int gamma, int beta) {
   if (!is_float(data)) {
-    fail_message() << "InstanceNorm data must be float16, float32 or float64, got "
+    fail_message() << "InstanceNorm data must be float16, bfloat16, float32 or float64, got "
                  << dtype_name(data);
     return false;
   }
@@ -199,11 +208,11 @@ bool check_dtypes(int data, int gamma, int beta) {
                  << " and beta " << dtype_name(beta);
     return false;
   }
-  bool ok = gamma == data || (data == mxnet::ext::kFloat16 && gamma == mxnet::ext::kFloat32);
+  bool ok = gamma == data || (is_half(data) && gamma == mxnet::ext::kFloat32);
   if (!ok) {
     fail_message() << "gamma/beta dtype " << dtype_name(gamma) << " does not match data dtype "
                  << dtype_name(data) << " (allowed: " << dtype_name(data)
-                 << (data == mxnet::ext::kFloat16 ? ", float32)" : ")");
+                 << (is_half(data) ? ", float32)" : ")");
     return false;
   }
   return true;
@@ -269,13 +278,15 @@ MXReturnValue inferType(const Attrs&, std::vector<int>* in, std::vector<int>* ou
   int& data = (*in)[0];
   int& gamma = (*in)[1];
   int& beta = (*in)[2];
-  // A known parameter dtype fills the others: gamma/beta from data
-  // (float16 data: float16 unless one of them is given as float32), data
-  // from the parameters.
+  // A known dtype fills the others: gamma/beta from data (float16 or
+  // bfloat16 data: float32, the parameters' precision under AMP, unless
+  // one of them is given as the data's dtype), data from the parameters
+  // (float32 parameters say nothing about half data, hence only when they
+  // are the only thing known).
   if (data == -1 && gamma != -1) data = gamma;
   if (data == -1 && beta != -1) data = beta;
   if (data == -1) return MX_SUCCESS;  // nothing known yet
-  if (gamma == -1) gamma = beta != -1 ? beta : data;
+  if (gamma == -1) gamma = beta != -1 ? beta : is_half(data) ? int{mxnet::ext::kFloat32} : data;
   if (beta == -1) beta = gamma;
   if (!check_dtypes(data, gamma, beta)) return MX_FAIL;
   (*out)[0] = data;
