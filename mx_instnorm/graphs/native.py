@@ -261,7 +261,9 @@ def _input_dtypes(block, dtypes):
     result = {}
     for name, dtype in items:
         # An array (the input itself, as passed to the block) stands for its dtype.
-        dtype = getattr(dtype, "dtype", dtype)
+        # (Not a scalar type: np.float32.dtype is a descriptor, not a dtype.)
+        if not isinstance(dtype, type):
+            dtype = getattr(dtype, "dtype", dtype)
         try:
             result[name] = np.dtype(dtype)
         except TypeError:
