@@ -52,6 +52,11 @@ class BuildPyWithNumpyCompatPth(build_py):
     def run(self):
         super().run()
         self._write_pth(self.build_lib)
+        # Where no build is attempted, the installed package says why; where
+        # one is, build_ext writes or removes the note.
+        why = _why_not_buildable()
+        operator_dir = os.path.join(self.build_lib, "mx_instnorm", "operator")
+        _write_note(operator_dir, why)
         if getattr(self, "editable_mode", False):
             # setuptools' editable wheel drops build_lib and packs what was
             # written to install_lib (its unpacked wheel) instead.
@@ -66,8 +71,10 @@ class BuildPyWithNumpyCompatPth(build_py):
             f.write(text)
 
     def get_outputs(self, include_bytecode=1):
+        note = os.path.join(self.build_lib, "mx_instnorm", "operator", NOT_BUILT_NOTE)
         return super().get_outputs(include_bytecode) + [
-            os.path.join(self.build_lib, NUMPY_COMPAT_PTH[0])]
+            os.path.join(self.build_lib, NUMPY_COMPAT_PTH[0])] + (
+            [note] if os.path.isfile(note) else [])
 
 
 
@@ -86,17 +93,50 @@ class _NotBuilt(Exception):
     """The compiled operator is not built; the message says why."""
 
 
+# The library API (lib_api.h's MX_LIBRARY_VERSION) lib_instance_norm.cc is
+# written for: MXNet 1.9.x's. MXNet 1.7 (7) and 1.8 (10) differ in the calls
+# the glue makes, and mx.library.load refuses any other version, so against
+# them nothing is built and the Python CustomOp runs.
+LIBRARY_API = 11
+# Beside the library: why it was not built, for backend_reason() (the
+# loader reads it; see mx_instnorm/operator/compiled.py).
+NOT_BUILT_NOTE = "libmx_instnorm.not-built.txt"
+
+
+def _has_lib_api(root):
+    return (os.path.isfile(os.path.join(root, "src", "lib_api.cc"))
+            and os.path.isfile(os.path.join(root, "include", "mxnet", "lib_api.h")))
+
+
+def _target_site_packages():
+    """The site-packages folders of the environment being installed into.
+
+    pip's isolated build environment runs this script with the target's own
+    interpreter (so ``sys.prefix`` is the target's) but takes the target's
+    site-packages off ``sys.path``; ``sysconfig`` still names them."""
+    import sysconfig
+    paths = sysconfig.get_paths()
+    return [paths[key] for key in ("purelib", "platlib") if paths.get(key)]
+
+
 def _mxnet_root():
-    """The installed mxnet package folder holding lib_api.h and lib_api.cc,
-    found without importing mxnet (whose import fails with numpy >= 1.24)."""
+    """The mxnet package folder holding lib_api.h and lib_api.cc to build
+    against, found without importing mxnet (whose import fails with numpy
+    >= 1.24): the target environment's mxnet when it has one (the MXNet the
+    library will be loaded into), else the importable one (under pip's
+    build isolation the build requirement of pyproject.toml, the newest
+    mxnet < 2, which is also what pip then installs)."""
     import importlib.util
+    for site in _target_site_packages():
+        root = os.path.join(site, "mxnet")
+        if os.path.isfile(os.path.join(root, "__init__.py")):
+            return root  # the target's mxnet decides, lib_api or not
     try:
         spec = importlib.util.find_spec("mxnet")
     except (ImportError, ValueError):
         return None
     for root in (spec.submodule_search_locations or []) if spec else []:
-        if (os.path.isfile(os.path.join(root, "src", "lib_api.cc"))
-                and os.path.isfile(os.path.join(root, "include", "mxnet", "lib_api.h"))):
+        if _has_lib_api(root):
             return root
     return None
 
@@ -147,6 +187,47 @@ def _lib_api_source(root, build_temp):
     return patched
 
 
+def _mxnet_description(root):
+    """'mxnet 1.8.0 at ROOT' from the package's metadata, read as text."""
+    import glob
+    site = os.path.dirname(root)
+    for info in glob.glob(os.path.join(site, "mxnet*-*.dist-info", "METADATA")):
+        with open(info, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("Version:"):
+                    return "mxnet %s at %s" % (line.split(":", 1)[1].strip(), root)
+    return "the mxnet at %s" % root
+
+
+def _library_api(root):
+    """MX_LIBRARY_VERSION of the lib_api.h under ``root`` (None if absent)."""
+    import re
+    try:
+        with open(os.path.join(root, "include", "mxnet", "lib_api.h"),
+                  encoding="utf-8", errors="replace") as f:
+            match = re.search(r"#define\s+MX_LIBRARY_VERSION\s+(\d+)", f.read())
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _why_not_buildable():
+    """Why no build can be attempted (a one-line reason), or None."""
+    if os.environ.get("MX_INSTNORM_BUILD", "").strip() == "0":
+        return "MX_INSTNORM_BUILD=0 was set at install"
+    root = _mxnet_root()
+    if root is None:
+        return ("no mxnet with include/mxnet/lib_api.h and src/lib_api.cc was found "
+                "at install (target: %s)" % ", ".join(_target_site_packages()))
+    if not _has_lib_api(root):
+        return "%s has no include/mxnet/lib_api.h and src/lib_api.cc" % _mxnet_description(root)
+    api = _library_api(root)
+    if api != LIBRARY_API:
+        return ("%s has library API %s (MX_LIBRARY_VERSION); the compiled operator "
+                "is written for %d, mxnet 1.9.x's" % (_mxnet_description(root), api, LIBRARY_API))
+    return None
+
+
 class BuildCompiledOperator(build_ext):
     """``build_ext`` that compiles ``libmx_instnorm.so`` itself (a plain
     shared library, not a Python extension module) into the package, or
@@ -173,13 +254,17 @@ class BuildCompiledOperator(build_ext):
         except _NotBuilt as why:
             print("WARNING: mx_instnorm: compiled operator not built (%s); "
                   "the Python CustomOp will be used" % why, file=sys.stderr)
+            _write_note(os.path.dirname(target), str(why))
+        else:
+            _write_note(os.path.dirname(target), None)
 
     def _compile(self, ext, target):
-        if os.environ.get("MX_INSTNORM_BUILD", "").strip() == "0":
-            raise _NotBuilt("MX_INSTNORM_BUILD=0")
+        why = _why_not_buildable()
+        if why is not None:
+            raise _NotBuilt(why)
         root = _mxnet_root()
-        if root is None:
-            raise _NotBuilt("no installed mxnet with include/mxnet/lib_api.h and src/lib_api.cc")
+        print("mx_instnorm: building the compiled operator against %s"
+              % _mxnet_description(root), file=sys.stderr)
         cxx = shlex.split(os.environ.get("CXX", "").strip() or "c++")
         # Generic code for the target architecture (never -march=native: a
         # library built on an AVX-512 machine must run on others); the hot
@@ -195,10 +280,10 @@ class BuildCompiledOperator(build_ext):
             done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   universal_newlines=True)
         except OSError as err:
-            raise _NotBuilt("cannot run %s: %s" % (cxx[0], err)) from None
+            raise _NotBuilt("the C++ compiler %s cannot be run: %s" % (cxx[0], err)) from None
         if done.returncode != 0 or not os.path.isfile(target + ".tmp"):
             errors = [line for line in done.stdout.splitlines() if "error" in line.lower()]
-            raise _NotBuilt("%s exited with status %d%s" % (
+            raise _NotBuilt("the C++ compiler %s exited with status %d%s" % (
                 cxx[0], done.returncode, (": " + errors[0].strip()) if errors else ""))
         os.replace(target + ".tmp", target)
 
@@ -220,9 +305,22 @@ class BuildCompiledOperator(build_ext):
         return [path for path in super().get_outputs() if os.path.isfile(path)]
 
 
+def _write_note(folder, why):
+    """Writes (``why``) or removes (None) the not-built note in ``folder``."""
+    note = os.path.join(folder, NOT_BUILT_NOTE)
+    if why is None:
+        if os.path.exists(note):
+            os.remove(note)
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(note, "w", encoding="utf-8") as f:
+        f.write(why + "\n")
+
+
 def _compiled_extensions():
-    # A platform-specific wheel only where a build can be attempted.
-    if os.environ.get("MX_INSTNORM_BUILD", "").strip() == "0" or _mxnet_root() is None:
+    # A platform-specific wheel only where a build can be attempted
+    # (otherwise build_py leaves the note saying why not).
+    if _why_not_buildable() is not None:
         return []
     return [Extension(COMPILED_LIBRARY, sources=COMPILED_SOURCES,
                       depends=["mx_instnorm/kernel/instance_norm.h"])]

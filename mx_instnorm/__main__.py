@@ -107,7 +107,9 @@ def _maxdiff(a, b):
 def _error_line(err):
     """The gist of an (MXNet) error: its last line, after the last ': '
     (MXNet's type check ends with "...: Unsupported data type 2")."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    # MXNet < 1.7 appends a "Stack trace:" of "[bt]" lines: not the gist.
+    lines = [ln.strip() for ln in str(err).split("Stack trace:")[0].splitlines()
+             if ln.strip()]
     text = lines[-1].rsplit(": ", 1)[-1] if lines else ""
     return "%s (%s)" % (text[:100], type(err).__name__)
 

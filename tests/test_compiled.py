@@ -345,13 +345,47 @@ def test_loader_is_idempotent():
 
 
 def test_loader_refuses_another_library_version(monkeypatch):
+    # An mxnet whose library API is not 1.9's (1.7 has 7): the reason names
+    # it and says what to do.
     monkeypatch.setattr(compiled, "_result", None)
     monkeypatch.setattr(compiled, "_expected_library_version", lambda: 7)
-    with pytest.raises(compiled.CompiledUnavailable, match="MX_LIBRARY_VERSION .* expects 7"):
+    with pytest.raises(compiled.CompiledUnavailable,
+                       match=r"has library API 7; the compiled operator needs mxnet 1\.9\.x "
+                             r"\(library API 11\); to use it: pip install \"mxnet>=1\.9,<2\", "
+                             r"then reinstall mx_instnorm"):
         compiled.load()
     # The failure is cached: the same reason again, nothing retried.
+    monkeypatch.setattr(compiled, "_expected_library_version", lambda: 11)
+    with pytest.raises(compiled.CompiledUnavailable, match="has library API 7"):
+        compiled.load()
+
+
+def test_loader_without_lib_api_header_judges_by_version(monkeypatch):
+    # An mxnet 1.9 whose package lacks include/mxnet/lib_api.h (built from
+    # source): no API to compare, so mx.library.load decides, and loads it.
+    monkeypatch.setattr(compiled, "_result", None)
     monkeypatch.setattr(compiled, "_expected_library_version", lambda: None)
-    with pytest.raises(compiled.CompiledUnavailable, match="expects 7"):
+    assert compiled.load() == compiled.OP_NAME
+
+
+def test_loader_refuses_a_library_built_for_another_api(monkeypatch):
+    monkeypatch.setattr(compiled, "_result", None)
+    monkeypatch.setattr(compiled, "_library_version", lambda path: 10)
+    with pytest.raises(compiled.CompiledUnavailable,
+                       match=r"built for library API 10 but mxnet .* has 11: reinstall "
+                             r"mx_instnorm into this environment"):
+        compiled.load()
+
+
+def test_loader_gives_the_reason_setup_py_wrote(monkeypatch, tmp_path):
+    # setup.py writes why it built nothing beside where the library would be.
+    monkeypatch.setattr(compiled, "_result", None)
+    monkeypatch.setattr(compiled, "library_path", lambda: str(tmp_path / compiled.LIBRARY_NAME))
+    (tmp_path / compiled.NOT_BUILT_NOTE).write_text(
+        "the C++ compiler false exited with status 1\n")
+    with pytest.raises(compiled.CompiledUnavailable,
+                       match=r"not built when mx_instnorm was installed: the C\+\+ compiler "
+                             r"false exited with status 1; after fixing that, reinstall"):
         compiled.load()
 
 

@@ -532,3 +532,17 @@ def test_bad_thread_variable(monkeypatch, value):
     with pytest.raises(ValueError, match="MX_INSTNORM_NUM_THREADS must be a positive integer, "
                                          "got '%s'" % value):
         default_num_threads()
+
+
+def test_main_job_error_gist_drops_the_stack_trace():
+    # MXNet 1.6's errors, as raised by its built-in on float16 data: the
+    # gist is the check's last words, never a "[bt]" line of the trace.
+    from mx_instnorm.__main__ import _error_line
+    err = MXNetError("[20:44:03] include/mxnet/operator.h:228: Check failed: in_type->at(i) "
+                     "== mshadow::default_type_flag: Unsupported data type 2\n"
+                     "Stack trace:\n  [bt] (0) libmxnet.so(+0x307d3b) [0x7fb0ffb07d3b]\n"
+                     "  [bt] (8) /lib/x86_64-linux-gnu/libffi.so.8(+0x6f7a) [0x7fb10b088f7a]")
+    assert _error_line(err) == "Unsupported data type 2 (MXNetError)"
+    # MXNet 1.9's form (no stack trace): the same gist.
+    assert _error_line(MXNetError("MXNetError: Check failed: ...: Unsupported data type 1")) \
+        == "Unsupported data type 1 (MXNetError)"

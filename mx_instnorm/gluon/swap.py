@@ -62,7 +62,8 @@ def _replacement(old, target):
         new._reg_params[attr] = param
         object.__setattr__(new, attr, param)
     for attr in _HYBRID_STATE:
-        setattr(new, attr, getattr(old, attr))
+        if hasattr(old, attr):  # MXNet 1.6's HybridBlock has no _backend*
+            setattr(new, attr, getattr(old, attr))
     # The same hook dicts, so existing HookHandles still detach them.
     new._forward_hooks = old._forward_hooks
     new._forward_pre_hooks = old._forward_pre_hooks

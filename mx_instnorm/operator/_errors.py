@@ -97,8 +97,9 @@ def explain_errors():
     _clear()
     try:
         yield
-    except RuntimeError as err:
-        # MXNetError, or the plain RuntimeError simple_bind re-raises it as.
+    except (RuntimeError, MXNetError) as err:
+        # MXNetError, or the plain RuntimeError simple_bind re-raises it as
+        # (MXNet 1.6's MXNetError is no RuntimeError).
         recorded = last_error()
         _clear()
         if recorded is None:

@@ -21,13 +21,24 @@ import re
 import sys
 import threading
 
-__all__ = ["OP_NAME", "LIBRARY_NAME", "CompiledUnavailable", "library_path", "load", "status"]
+__all__ = ["OP_NAME", "LIBRARY_NAME", "LIBRARY_API", "NOT_BUILT_NOTE",
+           "CompiledUnavailable", "library_path", "load", "status"]
 
 OP_NAME = "mx_instnorm_InstanceNorm"
 LIBRARY_NAME = "libmx_instnorm.so"
 
-# The first MXNet with mx.library.load of operators.
-_MIN_MXNET = (1, 7)
+# The library API (MX_LIBRARY_VERSION) the operator's glue is written for:
+# MXNet 1.9.x's. setup.py builds only against it (its LIBRARY_API).
+LIBRARY_API = 11
+# Why setup.py built no library, written beside where it would be.
+NOT_BUILT_NOTE = "libmx_instnorm.not-built.txt"
+
+# Advice that works from any environment: pip builds against the mxnet
+# installed in the environment it installs into (see setup.py).
+_REINSTALL = ("reinstall mx_instnorm into this environment: `pip install "
+              "--force-reinstall --no-deps DIR` (DIR: mx_instnorm's source tree)")
+_UPGRADE = ("the compiled operator needs mxnet 1.9.x (library API %d); to use it: "
+            "pip install \"mxnet>=1.9,<2\", then %s" % (LIBRARY_API, _REINSTALL))
 
 _lock = threading.Lock()
 _result = None  # ("ok", name) or ("error", reason) once load() has run
@@ -85,10 +96,6 @@ def _installed_library():
     return None
 
 
-def _version_tuple(text):
-    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
-
-
 def _expected_library_version():
     """MX_LIBRARY_VERSION of the running MXNet, from the lib_api.h its
     wheel ships (None when the header is not there)."""
@@ -114,30 +121,53 @@ def _library_version(path):
     return int(fn())
 
 
+def _not_built_note(path):
+    """setup.py's reason for building no library at ``path``, or None."""
+    try:
+        with open(os.path.join(os.path.dirname(path), NOT_BUILT_NOTE), encoding="utf-8") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def _load_unlocked():
     path = library_path()
-    if not os.path.isfile(path):
-        raise CompiledUnavailable(
-            "no compiled library at %s (built by `pip install .` when a C++ compiler "
-            "is found; `python setup.py build_ext --inplace` for a source tree)" % path)
     try:
         import mxnet as mx
     except ImportError as err:
         raise CompiledUnavailable("mxnet does not import: %s" % err) from None
     version = getattr(mx, "__version__", "0")
-    if _version_tuple(version) < _MIN_MXNET or not hasattr(mx, "library"):
+    expected = _expected_library_version()
+    # An mxnet without lib_api.h in its package (a source build) is judged
+    # by its version; mx.library.load then has the last word.
+    too_old = tuple(int(p) for p in re.findall(r"\d+", version)[:2]) < (1, 9)
+    if (expected if expected is not None else (0 if too_old else LIBRARY_API)) \
+            != LIBRARY_API or not hasattr(mx, "library"):
+        # Checked first: on this mxnet no library of ours can load, however
+        # it was built.
         raise CompiledUnavailable(
-            "mxnet %s is too old: library operators need mxnet >= 1.7" % version)
+            "mxnet %s has library API %s; %s" % (
+                version, "none" if expected is None else expected, _UPGRADE))
+    if not os.path.isfile(path):
+        note = _not_built_note(path)
+        if note is not None:
+            raise CompiledUnavailable(
+                "not built when mx_instnorm was installed: %s; after fixing that, %s"
+                % (note, _REINSTALL))
+        raise CompiledUnavailable(
+            "no compiled library at %s (`pip install` builds it against the "
+            "installed mxnet; `python setup.py build_ext --inplace` for a source "
+            "tree): %s; with `pip install -v` it says why not"
+            % (path, _REINSTALL))
     try:
         built = _library_version(path)
     except (OSError, AttributeError) as err:
         raise CompiledUnavailable("%s cannot be opened: %s" % (path, err)) from None
-    expected = _expected_library_version()
     if expected is not None and built != expected:
         # mx.library.load refuses it too, with a message that names no fix.
         raise CompiledUnavailable(
-            "%s was built for MX_LIBRARY_VERSION %d but mxnet %s expects %d: "
-            "reinstall mx_instnorm against this mxnet" % (path, built, version, expected))
+            "%s was built for library API %d but mxnet %s has %d: %s"
+            % (path, built, version, expected, _REINSTALL))
     try:
         mx.library.load(path, verbose=False)
     except Exception as err:  # MXNetError, OSError: any failure means unavailable
@@ -175,8 +205,9 @@ def load():
     Raises
     ------
     CompiledUnavailable
-        No library was built, MXNet is older than 1.7, the library was built
-        for another MXNet library API, or ``mx.library.load`` failed. The
+        MXNet is not 1.9.x (its library API is not :data:`LIBRARY_API`), no
+        library was built (the message gives setup.py's reason), the library
+        was built for another library API, or ``mx.library.load`` failed. The
         same error is raised again on later calls, without retrying.
     """
     global _result
