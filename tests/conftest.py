@@ -165,7 +165,8 @@ def _seed_mxnet():
 # tests, and the modules below that pick backends themselves, run once.
 BACKENDS = ("compiled", "python")
 PATHS = ("fast", "generic")
-_SINGLE_BACKEND_MODULES = {"test_kernel", "test_compiled", "test_compat", "test_backends"}
+_SINGLE_BACKEND_MODULES = {"test_kernel", "test_compiled", "test_compat", "test_backends",
+                           "test_shim_safety"}
 
 
 def pytest_generate_tests(metafunc):
