@@ -195,10 +195,10 @@ def _error_text(call):
     (dict(eps="inf"), "eps must be a finite number >= 0, got 'inf'"),
     (dict(axis="x"), "axis must be an integer, got 'x'"),
     (dict(axis=1.5), "axis must be an integer, got '1.5'"),
-    (dict(axis=0), "axis 0 is not a channel axis of data of rank 4 (valid: -3..3 except 0, "
-                   "the batch axis)"),
-    (dict(axis=4), "axis 4 is not a channel axis of data of rank 4"),
-    (dict(axis=-5), "axis -5 is not a channel axis of data of rank 4"),
+    (dict(axis=0), "axis 0 is the batch axis; InstanceNorm normalizes each batch item "
+                   "separately, pick a channel axis in 1..3"),
+    (dict(axis=4), "axis 4 is out of range for data of rank 4 (valid: -3..3, not 0)"),
+    (dict(axis=-5), "axis -5 is out of range for data of rank 4"),
     (dict(momentum=0.9), "unknown keyword momentum='0.9'; accepted keywords: eps, axis"),
 ])
 def test_bad_attributes(kwargs, message):
@@ -220,10 +220,12 @@ def test_earlier_messages_are_left_out():
 
 
 @pytest.mark.parametrize("data,gamma,beta,message", [
-    ((2, 3), (3,), (3,), "data must have rank >= 3 (batch, channel, spatial...), "
-                         "got shape (2, 3)"),
-    ((2, 3, 4), (4,), (3,), "gamma must have shape (3,), got (4,)"),
-    ((2, 3, 4), (3,), (3, 1), "beta must have shape (3,), got (3, 1)"),
+    ((2, 3), (3,), (3,), "InstanceNorm needs data of rank >= 3 (batch, channel, spatial...), "
+                         "got rank 2, shape (2, 3)"),
+    ((2, 3, 4), (4,), (3,), "gamma must have shape (3,) to match the 3 channels of data, "
+                            "got shape (4,)"),
+    ((2, 3, 4), (3,), (3, 1), "beta must have shape (3,) to match the 3 channels of data, "
+                              "got shape (3, 1)"),
 ])
 def test_bad_shapes(data, gamma, beta, message):
     args = [mx.nd.ones(s) for s in (data, gamma, beta)]
@@ -232,17 +234,17 @@ def test_bad_shapes(data, gamma, beta, message):
 
 @pytest.mark.parametrize("dtypes,message", [
     (("int32", "int32", "int32"),
-     "data's dtype must be one of float16, float32, float64, got int32"),
+     "InstanceNorm data must be float16, float32 or float64, got int32"),
     # A dtype lib_api's enum does not name (MXNet's bool, code 7) is refused
     # too, by name, never computed as another.
     (("bool", "float32", "float32"),
-     "data's dtype must be one of float16, float32, float64, got bool"),
-    (("float32", "int32", "int32"), "gamma's dtype must be one of float16, float32, float64, "
-                                    "got int32"),
+     "InstanceNorm data must be float16, float32 or float64, got bool"),
+    (("float32", "int32", "int32"), "gamma/beta dtype int32 does not match data dtype "
+                                    "float32 (allowed: float32)"),
     (("float32", "float64", "float64"), "gamma/beta dtype float64 does not match data dtype "
-                                        "float32"),
+                                        "float32 (allowed: float32)"),
     (("float16", "float64", "float64"), "gamma/beta dtype float64 does not match data dtype "
-                                        "float16"),
+                                        "float16 (allowed: float16, float32)"),
     (("float32", "float32", "float16"),
      "gamma and beta must have the same dtype, got gamma float32 and beta float16"),
 ])
@@ -253,8 +255,8 @@ def test_bad_dtypes(dtypes, message):
 
 def test_unknown_dtype_in_type_inference():
     s = sym_op(mx.sym.var("data"), mx.sym.var("gamma"), mx.sym.var("beta"))
-    with pytest.raises(mx.MXNetError, match="data's dtype must be one of float16, float32, "
-                                            "float64, got int8"):
+    with pytest.raises(mx.MXNetError, match="InstanceNorm data must be float16, float32 "
+                                            "or float64, got int8"):
         s.infer_type(data=np.int8)
 
 
@@ -298,11 +300,12 @@ def test_backward_called_directly_matches_reference(rng):
     (dict(dy_shape=(2, 3)), "the output gradient must have shape (2, 3, 4), got (2, 3)"),
     (dict(dy_dtype="float64"), "the output gradient must have the data's dtype float32, "
                                "got float64"),
-    (dict(gamma_shape=(4,)), "gamma must have shape (3,), got (4,)"),
-    (dict(x_shape=(2, 3)), "data must have rank >= 3"),
+    (dict(gamma_shape=(4,)), "gamma must have shape (3,) to match the 3 channels of data, "
+                             "got shape (4,)"),
+    (dict(x_shape=(2, 3)), "InstanceNorm needs data of rank >= 3"),
     (dict(dx_shape=(2, 3, 3)), "the data gradient must have shape (2, 3, 4), got (2, 3, 3)"),
     (dict(dgamma_shape=(2,)), "the gamma gradient must have shape (3,), got (2,)"),
-    (dict(dtype="int32"), "data's dtype must be one of float16, float32, float64, got int32"),
+    (dict(dtype="int32"), "InstanceNorm data must be float16, float32 or float64, got int32"),
 ])
 def test_backward_validates_its_inputs(rng, case, message):
     inputs, outputs = _backward_case(rng, **case)
@@ -399,7 +402,7 @@ def test_symbol_inference_and_executor(rng):
 
 def test_shape_inference_error_is_ours():
     s = sym_op(mx.sym.var("data"), mx.sym.var("gamma"), mx.sym.var("beta"), axis=0)
-    with pytest.raises(mx.MXNetError, match=re.escape("axis 0 is not a channel axis")):
+    with pytest.raises(mx.MXNetError, match=re.escape("axis 0 is the batch axis")):
         s.infer_shape(data=(2, 3, 4))
 
 

@@ -89,36 +89,46 @@ std::string dtype_name(int code) {
   return d != nullptr ? d->name : "dtype code " + std::to_string(code);
 }
 
-// The kernel's dtype for an MXNet dtype code; false (with a message) for a
-// dtype the kernel does not compute, known to MXNet or not.
-bool kernel_dtype(int code, const char* what, mx_instnorm::DType* out) {
+// The kernel's dtype for an MXNet dtype code, or false for a dtype the
+// kernel does not compute (known to MXNet or not).
+bool kernel_dtype(int code, mx_instnorm::DType* out) {
   const DTypeInfo* d = dtype_info(code);
-  if (d == nullptr || !d->computed) {
-    std::string names;
-    for (const DTypeInfo& k : kDTypes)
-      if (k.computed) names += std::string(names.empty() ? "" : ", ") + k.name;
-    MX_ERROR_MSG << kOp << ": " << what << " must be one of " << names << ", got "
-                 << dtype_name(code);
-    return false;
-  }
+  if (d == nullptr || !d->computed) return false;
   *out = d->kernel;
   return true;
 }
 
 // The kernel dtypes of (data, gamma, beta): gamma and beta share one, the
 // data's or, for data accumulated in a wider type (float16), that type.
+// The messages say what mx_instnorm's Python functions say.
 bool kernel_dtypes(int data, int gamma, int beta, mx_instnorm::DType* kdata,
                    mx_instnorm::DType* kparam) {
-  if (!kernel_dtype(data, "data's dtype", kdata)) return false;
+  if (!kernel_dtype(data, kdata)) {
+    std::string names;
+    int count = 0, seen = 0;
+    for (const DTypeInfo& k : kDTypes) count += k.computed;
+    for (const DTypeInfo& k : kDTypes) {
+      if (!k.computed) continue;
+      names += std::string(seen == 0 ? "" : seen == count - 1 ? " or " : ", ") + k.name;
+      ++seen;
+    }
+    MX_ERROR_MSG << kOp << ": InstanceNorm data must be " << names << ", got "
+                 << dtype_name(data);
+    return false;
+  }
   if (gamma != beta) {
     MX_ERROR_MSG << kOp << ": gamma and beta must have the same dtype, got gamma "
                  << dtype_name(gamma) << " and beta " << dtype_name(beta);
     return false;
   }
-  if (!kernel_dtype(gamma, "gamma's dtype", kparam)) return false;
-  if (*kparam != *kdata && *kparam != mx_instnorm::accumulation_dtype(*kdata)) {
+  const mx_instnorm::DType wide = mx_instnorm::accumulation_dtype(*kdata);
+  if (!kernel_dtype(gamma, kparam) || (*kparam != *kdata && *kparam != wide)) {
+    std::string allowed = dtype_name(data);
+    for (const DTypeInfo& k : kDTypes)
+      if (k.computed && k.kernel == wide && k.kernel != *kdata) allowed += std::string(", ") + k.name;
     MX_ERROR_MSG << kOp << ": gamma/beta dtype " << dtype_name(gamma)
-                 << " does not match data dtype " << dtype_name(data);
+                 << " does not match data dtype " << dtype_name(data) << " (allowed: " << allowed
+                 << ")";
     return false;
   }
   return true;
@@ -182,14 +192,18 @@ bool layout_of(const std::vector<int64_t>& shape, int axis, mx_instnorm::Layout*
   const int ndim = static_cast<int>(shape.size());
   const int ax = axis < 0 ? axis + ndim : axis;
   if (ndim < 3) {
-    MX_ERROR_MSG << kOp << ": data must have rank >= 3 (batch, channel, spatial...), got shape "
-                 << shape_text(shape);
+    MX_ERROR_MSG << kOp << ": InstanceNorm needs data of rank >= 3 (batch, channel, "
+                 << "spatial...), got rank " << ndim << ", shape " << shape_text(shape);
     return false;
   }
-  if (ax < 1 || ax >= ndim) {
-    MX_ERROR_MSG << kOp << ": axis " << axis << " is not a channel axis of data of rank "
-                 << ndim << " (valid: " << 1 - ndim << ".." << ndim - 1
-                 << " except 0, the batch axis)";
+  if (ax < 0 || ax >= ndim) {
+    MX_ERROR_MSG << kOp << ": axis " << axis << " is out of range for data of rank " << ndim
+                 << " (valid: " << 1 - ndim << ".." << ndim - 1 << ", not 0)";
+    return false;
+  }
+  if (ax == 0) {
+    MX_ERROR_MSG << kOp << ": axis " << axis << " is the batch axis; InstanceNorm normalizes "
+                 << "each batch item separately, pick a channel axis in 1.." << ndim - 1;
     return false;
   }
   lay->n = shape[0];
@@ -206,6 +220,13 @@ bool check_shape(const char* name, const std::vector<int64_t>& shape,
   if (shape == want) return true;
   MX_ERROR_MSG << kOp << ": " << name << " must have shape " << shape_text(want) << ", got "
                << shape_text(shape);
+  return false;
+}
+
+bool check_param_shape(const char* name, const std::vector<int64_t>& shape, int64_t channels) {
+  if (shape.size() == 1 && shape[0] == channels) return true;
+  MX_ERROR_MSG << kOp << ": " << name << " must have shape (" << channels << ",) to match the "
+               << channels << " channels of data, got shape " << shape_text(shape);
   return false;
 }
 
@@ -242,9 +263,8 @@ bool prepare(const Attrs& attrs, const char* pass, const std::vector<MXTensor>& 
   if (!parse_params(attrs, &call->params) ||
       !layout_of(inputs[x].shape, call->params.axis, &call->lay))
     return false;
-  const std::vector<int64_t> channels{call->lay.c};
-  if (!check_shape("gamma", inputs[gamma].shape, channels) ||
-      !check_shape("beta", inputs[beta].shape, channels) ||
+  if (!check_param_shape("gamma", inputs[gamma].shape, call->lay.c) ||
+      !check_param_shape("beta", inputs[beta].shape, call->lay.c) ||
       !kernel_dtypes(inputs[x].dtype, inputs[gamma].dtype, inputs[beta].dtype, &call->data,
                      &call->param))
     return false;
@@ -313,7 +333,8 @@ MXReturnValue inferShape(const Attrs& attrs, std::vector<std::vector<unsigned in
     // deferred parameters, the variables mx_instnorm's functions declare).
     if (p.empty() || (p.size() == 1 && (p[0] == 0u || p[0] == 0xFFFFFFFFu))) {
       p.assign(1, static_cast<unsigned int>(lay.c));
-    } else if (!check_shape(names[i - 1], std::vector<int64_t>(p.begin(), p.end()), {lay.c})) {
+    } else if (!check_param_shape(names[i - 1], std::vector<int64_t>(p.begin(), p.end()),
+                                  lay.c)) {
       return MX_FAIL;
     }
   }
