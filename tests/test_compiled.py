@@ -219,6 +219,23 @@ def test_earlier_messages_are_left_out():
         assert all("bad%d" % j not in text for j in range(3) if j != i)
 
 
+def test_repeated_failure_adds_one_message():
+    # lib_api keeps every message and MXNet copies them all for each error
+    # (quadratic cost): the same failure again adds nothing. A graph's error
+    # shows lib_api's whole list.
+    args = (mx.nd.ones((2, 3, 4)), mx.nd.ones(5), mx.nd.zeros(5))
+    message = "gamma must have shape (3,) to match the 3 channels of data, got shape (5,)"
+    for _ in range(30):
+        assert message in _error_text(lambda: nd_op(*args))
+    generated = compiled.generated_function(mx.sym)
+    s = generated(mx.sym.var("d"), mx.sym.var("g", shape=(7,)), mx.sym.var("b", shape=(7,)))
+    with pytest.raises(mx.MXNetError) as info:
+        s.infer_shape(d=(2, 6, 4))
+    text = str(info.value)
+    assert "gamma must have shape (6,) to match the 6 channels of data, got shape (7,)" in text
+    assert text.count(message) <= 1
+
+
 @pytest.mark.parametrize("data,gamma,beta,message", [
     ((2, 3), (3,), (3,), "InstanceNorm needs data of rank >= 3 (batch, channel, spatial...), "
                          "got rank 2, shape (2, 3)"),

@@ -19,14 +19,14 @@
 // us forward+backward (MXNet's built-in: 24.8 and 81). Backward gets them
 // back from the pass over (dy, x) it makes anyway (see the kernel).
 //
-// Errors. Every failure adds one message through lib_api's public
-// MX_ERROR_MSG and returns MX_FAIL. lib_api keeps every message it was
-// given for the life of the process and MXNet shows them all, oldest
-// first, under "Extension Traceback"; the current one is the last.
-// mx_instnorm's Python side shows only that one (operator/_errors.py,
-// library_message). The Python functions validate before calling us, so
-// these messages reach users of the raw mx.nd/mx.sym function and of
-// graphs loaded without mx_instnorm's Python validation.
+// Errors. A failure reports its message through lib_api's public
+// MX_ERROR_MSG (class Failure below) and returns MX_FAIL. lib_api keeps
+// every message it was given for the life of the process and MXNet shows
+// them all, oldest first, under "Extension Traceback"; the current one is
+// the last. mx_instnorm's Python side shows only that one
+// (operator/_errors.py, library_message). These messages reach users of
+// the raw mx.nd/mx.sym function and of graphs; mx_instnorm.nd.InstanceNorm
+// tries the library first and re-validates in Python when it refuses.
 //
 // Symbols. The library is built with -fvisibility=hidden and a version
 // script (setup.py): only lib_api's C entry points are exported.
@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <unordered_map>
@@ -53,6 +54,46 @@ namespace {
 typedef std::unordered_map<std::string, std::string> Attrs;
 
 const char kOp[] = "mx_instnorm_InstanceNorm";
+
+// lib_api's list of messages only grows, and for each error MXNet copies
+// every message in it (lib_api's _msgGet returns a new string that nobody
+// frees): N failures that each added a message cost O(N^2) time and
+// memory (measured: 2000 calls with a bad gamma through
+// mx_instnorm.nd.InstanceNorm, 59 ms per call and 1.8 GiB at the end). So
+// a message equal to the last one in the list is not added again: the
+// list's last entry is already the current message. The lock keeps our
+// own threads from adding to lib_api's vector at the same time (MXNet
+// reads it without one; nothing here can change that).
+std::mutex report_mutex;
+std::string last_report;
+int last_report_count = 0;  // lib_api's message count after our last add
+
+void report(const std::string& message) {
+  std::lock_guard<std::mutex> lock(report_mutex);
+  mxnet::ext::MXerrorMsgs* list = mxnet::ext::MXerrorMsgs::get();
+  if (list->size() == last_report_count && message == last_report) return;
+  MX_ERROR_MSG << message;
+  last_report = message;
+  last_report_count = list->size();
+}
+
+// One failure's message, streamed like MX_ERROR_MSG and reported when the
+// statement ends: Failure() << "..." << value;
+class Failure {
+ public:
+  Failure() = default;
+  Failure(const Failure&) = delete;
+  Failure& operator=(const Failure&) = delete;
+  ~Failure() { report(text_.str()); }
+  template <typename T>
+  Failure& operator<<(const T& value) {
+    text_ << value;
+    return *this;
+  }
+
+ private:
+  std::ostringstream text_;
+};
 
 // ------------------------------------------------------------- dtypes --
 
@@ -112,12 +153,12 @@ bool kernel_dtypes(int data, int gamma, int beta, mx_instnorm::DType* kdata,
       names += std::string(seen == 0 ? "" : seen == count - 1 ? " or " : ", ") + k.name;
       ++seen;
     }
-    MX_ERROR_MSG << kOp << ": InstanceNorm data must be " << names << ", got "
+    Failure() << kOp << ": InstanceNorm data must be " << names << ", got "
                  << dtype_name(data);
     return false;
   }
   if (gamma != beta) {
-    MX_ERROR_MSG << kOp << ": gamma and beta must have the same dtype, got gamma "
+    Failure() << kOp << ": gamma and beta must have the same dtype, got gamma "
                  << dtype_name(gamma) << " and beta " << dtype_name(beta);
     return false;
   }
@@ -126,7 +167,7 @@ bool kernel_dtypes(int data, int gamma, int beta, mx_instnorm::DType* kdata,
     std::string allowed = dtype_name(data);
     for (const DTypeInfo& k : kDTypes)
       if (k.computed && k.kernel == wide && k.kernel != *kdata) allowed += std::string(", ") + k.name;
-    MX_ERROR_MSG << kOp << ": gamma/beta dtype " << dtype_name(gamma)
+    Failure() << kOp << ": gamma/beta dtype " << dtype_name(gamma)
                  << " does not match data dtype " << dtype_name(data) << " (allowed: " << allowed
                  << ")";
     return false;
@@ -155,13 +196,13 @@ bool parse_params(const Attrs& attrs, Params* p) {
                                                                   : NAN;
       if (end == text || (end != nullptr && *end != '\0') || !std::isfinite(p->eps) ||
           p->eps < 0) {
-        MX_ERROR_MSG << kOp << ": eps must be a finite number >= 0, got '" << kv.second << "'";
+        Failure() << kOp << ": eps must be a finite number >= 0, got '" << kv.second << "'";
         return false;
       }
     } else if (key == "axis") {
       long value = std::strtol(text, &end, 10);
       if (end == text || *end != '\0' || errno != 0 || value > 1000000 || value < -1000000) {
-        MX_ERROR_MSG << kOp << ": axis must be an integer, got '" << kv.second << "'";
+        Failure() << kOp << ": axis must be an integer, got '" << kv.second << "'";
         return false;
       }
       p->axis = static_cast<int>(value);
@@ -169,7 +210,7 @@ bool parse_params(const Attrs& attrs, Params* p) {
                  key.compare(key.size() - 2, 2, "__") == 0)) {
       // MXNet adds attributes of its own (__ctx_group__, __lr_mult__...),
       // which are not ours to judge; anything else is a mistake.
-      MX_ERROR_MSG << kOp << ": unknown keyword " << key << "='" << kv.second
+      Failure() << kOp << ": unknown keyword " << key << "='" << kv.second
                    << "'; accepted keywords: eps, axis";
       return false;
     }
@@ -192,17 +233,17 @@ bool layout_of(const std::vector<int64_t>& shape, int axis, mx_instnorm::Layout*
   const int ndim = static_cast<int>(shape.size());
   const int ax = axis < 0 ? axis + ndim : axis;
   if (ndim < 3) {
-    MX_ERROR_MSG << kOp << ": InstanceNorm needs data of rank >= 3 (batch, channel, "
+    Failure() << kOp << ": InstanceNorm needs data of rank >= 3 (batch, channel, "
                  << "spatial...), got rank " << ndim << ", shape " << shape_text(shape);
     return false;
   }
   if (ax < 0 || ax >= ndim) {
-    MX_ERROR_MSG << kOp << ": axis " << axis << " is out of range for data of rank " << ndim
+    Failure() << kOp << ": axis " << axis << " is out of range for data of rank " << ndim
                  << " (valid: " << 1 - ndim << ".." << ndim - 1 << ", not 0)";
     return false;
   }
   if (ax == 0) {
-    MX_ERROR_MSG << kOp << ": axis " << axis << " is the batch axis; InstanceNorm normalizes "
+    Failure() << kOp << ": axis " << axis << " is the batch axis; InstanceNorm normalizes "
                  << "each batch item separately, pick a channel axis in 1.." << ndim - 1;
     return false;
   }
@@ -218,14 +259,14 @@ bool layout_of(const std::vector<int64_t>& shape, int axis, mx_instnorm::Layout*
 bool check_shape(const char* name, const std::vector<int64_t>& shape,
                  const std::vector<int64_t>& want) {
   if (shape == want) return true;
-  MX_ERROR_MSG << kOp << ": " << name << " must have shape " << shape_text(want) << ", got "
+  Failure() << kOp << ": " << name << " must have shape " << shape_text(want) << ", got "
                << shape_text(shape);
   return false;
 }
 
 bool check_param_shape(const char* name, const std::vector<int64_t>& shape, int64_t channels) {
   if (shape.size() == 1 && shape[0] == channels) return true;
-  MX_ERROR_MSG << kOp << ": " << name << " must have shape (" << channels << ",) to match the "
+  Failure() << kOp << ": " << name << " must have shape (" << channels << ",) to match the "
                << channels << " channels of data, got shape " << shape_text(shape);
   return false;
 }
@@ -247,7 +288,7 @@ bool prepare(const Attrs& attrs, const char* pass, const std::vector<MXTensor>& 
              size_t num_inputs, const std::vector<MXTensor>& outputs, size_t num_outputs,
              size_t x, size_t gamma, size_t beta, Call* call) {
   if (inputs.size() != num_inputs || outputs.size() != num_outputs) {
-    MX_ERROR_MSG << kOp << " " << pass << " takes " << num_inputs << " inputs and "
+    Failure() << kOp << " " << pass << " takes " << num_inputs << " inputs and "
                  << num_outputs << " outputs, got " << inputs.size() << " and "
                  << outputs.size();
     return false;
@@ -255,7 +296,7 @@ bool prepare(const Attrs& attrs, const char* pass, const std::vector<MXTensor>& 
   for (const std::vector<MXTensor>* list : {&inputs, &outputs}) {
     for (const MXTensor& t : *list) {
       if (t.ctx.dev_type != "cpu") {
-        MX_ERROR_MSG << kOp << " runs on CPU only, got a " << t.ctx.dev_type << " array";
+        Failure() << kOp << " runs on CPU only, got a " << t.ctx.dev_type << " array";
         return false;
       }
     }
@@ -271,7 +312,7 @@ bool prepare(const Attrs& attrs, const char* pass, const std::vector<MXTensor>& 
   std::string error;
   call->threads = mx_instnorm::num_threads_from_env(&error);
   if (call->threads == 0) {
-    MX_ERROR_MSG << kOp << ": " << error;
+    Failure() << kOp << ": " << error;
     return false;
   }
   return true;
@@ -320,7 +361,7 @@ MXReturnValue inferShape(const Attrs& attrs, std::vector<std::vector<unsigned in
     shape.push_back(d == 0xFFFFFFFFu ? -1 : static_cast<int64_t>(d));
   }
   if (!known) {
-    MX_ERROR_MSG << kOp << " infers shapes from the data shape only, and it is not fully known: "
+    Failure() << kOp << " infers shapes from the data shape only, and it is not fully known: "
                  << (data.empty() ? std::string("unknown") : shape_text(shape));
     return MX_FAIL;
   }
@@ -350,7 +391,7 @@ MXReturnValue forward(const Attrs& attrs, std::vector<MXTensor>* inputs,
   MXTensor& y = (*outputs)[0];
   if (!check_shape("the output", y.shape, x.shape)) return MX_FAIL;
   if (y.dtype != x.dtype) {
-    MX_ERROR_MSG << kOp << ": the output must have the data's dtype " << dtype_name(x.dtype)
+    Failure() << kOp << ": the output must have the data's dtype " << dtype_name(x.dtype)
                  << ", got " << dtype_name(y.dtype);
     return MX_FAIL;
   }
@@ -358,7 +399,7 @@ MXReturnValue forward(const Attrs& attrs, std::vector<MXTensor>* inputs,
   if (!mx_instnorm::forward(call.lay, call.data, call.param, x.data_ptr, (*inputs)[1].data_ptr,
                             (*inputs)[2].data_ptr, call.params.eps, y.data_ptr, nullptr,
                             nullptr, call.threads, &error)) {
-    MX_ERROR_MSG << kOp << ": " << error;
+    Failure() << kOp << ": " << error;
     return MX_FAIL;
   }
   return MX_SUCCESS;
@@ -374,7 +415,7 @@ MXReturnValue backward(const Attrs& attrs, std::vector<MXTensor>* inputs,
   const MXTensor& gamma = (*inputs)[2];
   if (!check_shape("the output gradient", dy.shape, x.shape)) return MX_FAIL;
   if (dy.dtype != x.dtype) {
-    MX_ERROR_MSG << kOp << ": the output gradient must have the data's dtype "
+    Failure() << kOp << ": the output gradient must have the data's dtype "
                  << dtype_name(x.dtype) << ", got " << dtype_name(dy.dtype);
     return MX_FAIL;
   }
@@ -389,7 +430,7 @@ MXReturnValue backward(const Attrs& attrs, std::vector<MXTensor>* inputs,
     if (g.data_ptr == nullptr) continue;
     if (!check_shape(names[i], g.shape, like[i]->shape)) return MX_FAIL;
     if (g.dtype != like[i]->dtype) {
-      MX_ERROR_MSG << kOp << ": " << names[i] << " must have dtype "
+      Failure() << kOp << ": " << names[i] << " must have dtype "
                    << dtype_name(like[i]->dtype) << ", got " << dtype_name(g.dtype);
       return MX_FAIL;
     }
@@ -398,7 +439,7 @@ MXReturnValue backward(const Attrs& attrs, std::vector<MXTensor>* inputs,
   if (!mx_instnorm::backward(call.lay, call.data, call.param, dy.data_ptr, x.data_ptr,
                              gamma.data_ptr, call.params.eps, targets[0], targets[1],
                              targets[2], call.threads, &error)) {
-    MX_ERROR_MSG << kOp << ": " << error;
+    Failure() << kOp << ": " << error;
     return MX_FAIL;
   }
   return MX_SUCCESS;
@@ -418,6 +459,6 @@ __attribute__((visibility("default"))) MXReturnValue initialize(int version) {
   // The library API with this MX_LIBRARY_VERSION is MXNet 1.9's; MXNet
   // itself refuses a library whose version constant differs.
   if (version >= 10700 && version < 20000) return MX_SUCCESS;
-  MX_ERROR_MSG << kOp << " does not support MXNet version " << version;
+  Failure() << kOp << " does not support MXNet version " << version;
   return MX_FAIL;
 }
