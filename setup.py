@@ -89,6 +89,28 @@ COMPILED_SOURCES = ["mx_instnorm/kernel/instance_norm.cc",
                     "mx_instnorm/operator/lib_instance_norm.cc"]
 
 
+# Every compiler and linker flag, in one place. CXX picks the compiler
+# (default c++); CXXFLAGS and LDFLAGS from the environment come after these
+# (so they can add -fsanitize=address,undefined or change -O3: see
+# docs/design.md, "Sanitizers"); CXXFLAGS is passed to the link as well.
+# Generic code for the target architecture (never -march=native: a library
+# built on an AVX-512 machine must run on others); the hot loops carry their
+# own AVX2/AVX-512 clones on x86-64.
+COMPILED_CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-pthread"]
+# Our own sources only. lib_api.cc is compiled with default visibility (its
+# C entry points are what MXNet dlsym()s) and the export list below hides
+# its C++ symbols.
+COMPILED_OWN_CXXFLAGS = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+COMPILED_LDFLAGS = ["-shared", "-pthread"]
+# Exported: only the C entry points lib_api.cc defines for mx.library.load
+# (_opVersion, _opRegSize, _opCall*, _msgSize, _msgGet, ...), our
+# initialize() and mx_instnorm_num_threads() (the kernel's thread count). `nm -D --defined-only libmx_instnorm.so` lists them.
+COMPILED_EXPORTS = "{\n  global: initialize; mx_instnorm_num_threads; _op*; _part*; _pass*; _msg*;\n  local: *;\n};\n"
+COMPILED_EXPORTS_DARWIN = "_initialize\n_mx_instnorm_num_threads\n__op*\n__part*\n__pass*\n__msg*\n"
+COMPILED_EXPORT_FLAG = ("-Wl,-exported_symbols_list," if sys.platform == "darwin"
+                        else "-Wl,--version-script=")
+
+
 class _NotBuilt(Exception):
     """The compiled operator is not built; the message says why."""
 
@@ -150,10 +172,9 @@ def _link_flags():
     but a C or C++ program linked against it has them in the global scope,
     where they would interpose on ours: ``MXLoadLib`` then dies with
     SIGFPE in the library's static initialisation
-    (``CustomOp::setBackward``). The symbols stay exported, so
-    ``mx.library.load`` and ``MXLoadLib`` still find the library's entry
-    points (``-fvisibility=hidden`` would hide those too: ``lib_api.h``
-    declares them without a visibility attribute). macOS resolves symbols
+    (``CustomOp::setBackward``). lib_api's C entry points stay exported
+    (the export list, ``COMPILED_EXPORTS``), so ``mx.library.load`` and
+    ``MXLoadLib`` still find them. macOS resolves symbols
     per library (two-level namespaces) and its linker has no ``-Bsymbolic``.
     """
     if sys.platform.startswith(("linux", "freebsd")):
@@ -231,7 +252,8 @@ def _why_not_buildable():
 class BuildCompiledOperator(build_ext):
     """``build_ext`` that compiles ``libmx_instnorm.so`` itself (a plain
     shared library, not a Python extension module) into the package, or
-    warns and goes on. ``CXX`` picks the compiler (default ``c++``);
+    warns and goes on. ``CXX`` picks the compiler (default ``c++``),
+    ``CXXFLAGS``/``LDFLAGS`` add flags (see ``COMPILED_CXXFLAGS``);
     ``MX_INSTNORM_BUILD=0`` skips the build. ``build_ext --inplace`` puts
     the library into the source tree."""
 
@@ -266,26 +288,43 @@ class BuildCompiledOperator(build_ext):
         print("mx_instnorm: building the compiled operator against %s"
               % _mxnet_description(root), file=sys.stderr)
         cxx = shlex.split(os.environ.get("CXX", "").strip() or "c++")
-        # Generic code for the target architecture (never -march=native: a
-        # library built on an AVX-512 machine must run on others); the hot
-        # loops carry their own AVX2/AVX-512 clones on x86-64.
-        cmd = cxx + ["-O3", "-std=c++17", "-fPIC", "-shared", "-pthread",
-                     "-I", os.path.join(root, "include", "mxnet"),
-                     "-I", os.path.join(root, "include")]
-        cmd += [os.path.join(here, src) for src in ext.sources]
+        env_cxxflags = shlex.split(os.environ.get("CXXFLAGS", ""))
+        env_ldflags = shlex.split(os.environ.get("LDFLAGS", ""))
+        includes = ["-I", os.path.join(root, "include", "mxnet"),
+                    "-I", os.path.join(root, "include")]
+        temp = os.path.join(self.build_temp, "libmx_instnorm")
+        self.mkpath(temp)
         self.mkpath(os.path.dirname(target))
-        cmd += [_lib_api_source(root, self.build_temp), "-o", target + ".tmp"]
-        cmd += _link_flags()
+        exports = os.path.join(temp, "exports.map")
+        with open(exports, "w", encoding="utf-8") as f:
+            f.write(COMPILED_EXPORTS_DARWIN if sys.platform == "darwin" else COMPILED_EXPORTS)
+        sources = [(os.path.join(here, src), True) for src in ext.sources]
+        sources.append((_lib_api_source(root, self.build_temp), False))
+        objects = []
+        for source, own in sources:
+            obj = os.path.join(temp, os.path.basename(source) + ".o")
+            self._run(cxx + COMPILED_CXXFLAGS + (COMPILED_OWN_CXXFLAGS if own else [])
+                      + includes + env_cxxflags + ["-c", source, "-o", obj])
+            objects.append(obj)
+        # CXXFLAGS at the link too: -fsanitize=... must link its runtime.
+        self._run(cxx + objects + COMPILED_LDFLAGS + _link_flags()
+                  + [COMPILED_EXPORT_FLAG + exports]
+                  + env_cxxflags + env_ldflags + ["-o", target + ".tmp"])
+        if not os.path.isfile(target + ".tmp"):
+            raise _NotBuilt("%s wrote no %s" % (cxx[0], target + ".tmp"))
+        os.replace(target + ".tmp", target)
+
+    @staticmethod
+    def _run(cmd):
         try:
             done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   universal_newlines=True)
         except OSError as err:
-            raise _NotBuilt("the C++ compiler %s cannot be run: %s" % (cxx[0], err)) from None
-        if done.returncode != 0 or not os.path.isfile(target + ".tmp"):
+            raise _NotBuilt("the C++ compiler %s cannot be run: %s" % (cmd[0], err)) from None
+        if done.returncode != 0:
             errors = [line for line in done.stdout.splitlines() if "error" in line.lower()]
             raise _NotBuilt("the C++ compiler %s exited with status %d%s" % (
-                cxx[0], done.returncode, (": " + errors[0].strip()) if errors else ""))
-        os.replace(target + ".tmp", target)
+                cmd[0], done.returncode, (": " + errors[0].strip()) if errors else ""))
 
     def _built(self):
         return [ext for ext in self.extensions

@@ -204,7 +204,7 @@ def _seed_mxnet():
 BACKENDS = ("compiled", "python")
 PATHS = ("fast", "generic")
 _SINGLE_BACKEND_MODULES = {"test_kernel", "test_compiled", "test_compat", "test_backends",
-                           "test_layers"}
+                           "test_layers", "test_shim_safety"}
 
 
 def pytest_generate_tests(metafunc):

@@ -188,24 +188,52 @@ def _error_text(call):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(eps="abc"), "eps must be a number, got 'abc'"),
+    (dict(eps="abc"), "eps must be a finite number >= 0, got 'abc'"),
+    (dict(eps="0x1p3"), "eps must be a finite number >= 0, got '0x1p3'"),
     (dict(eps=-1.0), "eps must be a finite number >= 0, got '-1.0'"),
     (dict(eps="nan"), "eps must be a finite number >= 0, got 'nan'"),
     (dict(eps="inf"), "eps must be a finite number >= 0, got 'inf'"),
     (dict(axis="x"), "axis must be an integer, got 'x'"),
     (dict(axis=1.5), "axis must be an integer, got '1.5'"),
-    (dict(axis=0), "axis 0 is the batch axis"),
+    (dict(axis=0), "axis 0 is the batch axis; InstanceNorm normalizes each batch item "
+                   "separately, pick a channel axis in 1..3"),
     (dict(axis=4), "axis 4 is out of range for data of rank 4 (valid: -3..3, not 0)"),
     (dict(axis=-5), "axis -5 is out of range for data of rank 4"),
-    (dict(momentum=0.9), "got unknown keyword momentum='0.9'; accepted keywords: eps, axis"),
+    (dict(momentum=0.9), "unknown keyword momentum='0.9'; accepted keywords: eps, axis"),
 ])
 def test_bad_attributes(kwargs, message):
     args = (mx.nd.ones((2, 3, 4, 5)), mx.nd.ones(3), mx.nd.zeros(3))
     text = _error_text(lambda: nd_op(*args, **kwargs))
-    assert message in text
-    # Only this call's message, and the process stays usable.
+    # The message comes first, and only this call's message is there,
+    # although lib_api keeps (and MXNet shows) every earlier one.
+    assert text.startswith(OP + ": " + message)
     assert text.count("lib_instance_norm.cc") == 1
     assert nd_op(*args).shape == (2, 3, 4, 5)
+
+
+def test_earlier_messages_are_left_out():
+    args = (mx.nd.ones((2, 3, 4)), mx.nd.ones(3), mx.nd.zeros(3))
+    texts = [_error_text(lambda: nd_op(*args, eps="bad%d" % i)) for i in range(3)]
+    for i, text in enumerate(texts):
+        assert "bad%d" % i in text
+        assert all("bad%d" % j not in text for j in range(3) if j != i)
+
+
+def test_repeated_failure_adds_one_message():
+    # lib_api keeps every message and MXNet copies them all for each error
+    # (quadratic cost): the same failure again adds nothing. A graph's error
+    # shows lib_api's whole list.
+    args = (mx.nd.ones((2, 3, 4)), mx.nd.ones(5), mx.nd.zeros(5))
+    message = "gamma must have shape (3,) to match the 3 channels of data, got shape (5,)"
+    for _ in range(30):
+        assert message in _error_text(lambda: nd_op(*args))
+    generated = compiled.generated_function(mx.sym)
+    s = generated(mx.sym.var("d"), mx.sym.var("g", shape=(7,)), mx.sym.var("b", shape=(7,)))
+    with pytest.raises(mx.MXNetError) as info:
+        s.infer_shape(d=(2, 6, 4))
+    text = str(info.value)
+    assert "gamma must have shape (6,) to match the 6 channels of data, got shape (7,)" in text
+    assert text.count(message) <= 1
 
 
 @pytest.mark.parametrize("data,gamma,beta,message", [
@@ -222,17 +250,85 @@ def test_bad_shapes(data, gamma, beta, message):
 
 
 @pytest.mark.parametrize("dtypes,message", [
-    (("int32", "int32", "int32"), "InstanceNorm data must be float16, bfloat16, float32 or float64, got int32"),
-    (("float32", "float64", "float64"),
-     "gamma/beta dtype float64 does not match data dtype float32 (allowed: float32)"),
-    (("float16", "float64", "float64"),
-     "gamma/beta dtype float64 does not match data dtype float16 (allowed: float16, float32)"),
+    (("int32", "int32", "int32"),
+     "InstanceNorm data must be float16, bfloat16, float32 or float64, got int32"),
+    # A dtype lib_api's enum does not name (MXNet's bool, code 7) is refused
+    # too, by name, never computed as another.
+    (("bool", "float32", "float32"),
+     "InstanceNorm data must be float16, bfloat16, float32 or float64, got bool"),
+    (("float32", "int32", "int32"), "gamma/beta dtype int32 does not match data dtype "
+                                    "float32 (allowed: float32)"),
+    (("float32", "float64", "float64"), "gamma/beta dtype float64 does not match data dtype "
+                                        "float32 (allowed: float32)"),
+    (("float16", "float64", "float64"), "gamma/beta dtype float64 does not match data dtype "
+                                        "float16 (allowed: float16, float32)"),
     (("float32", "float32", "float16"),
      "gamma and beta must have the same dtype, got gamma float32 and beta float16"),
 ])
 def test_bad_dtypes(dtypes, message):
     args = [mx.nd.ones(s, dtype=d) for s, d in zip(((2, 3, 4), (3,), (3,)), dtypes)]
     assert message in _error_text(lambda: nd_op(*args))
+
+
+def test_unknown_dtype_in_type_inference():
+    s = sym_op(mx.sym.var("data"), mx.sym.var("gamma"), mx.sym.var("beta"))
+    with pytest.raises(mx.MXNetError, match="InstanceNorm data must be float16, bfloat16, float32 "
+                                            "or float64, got int8"):
+        s.infer_type(data=np.int8)
+
+
+# The backward operator MXNet registers for the library's backward, called
+# directly: (dy, data, gamma, beta, y) -> (ddata, dgamma, dbeta). MXNet's
+# autograd always hands it consistent arrays; a graph or a caller that does
+# not must get an error, not a read past an array's end.
+def _backward(inputs, outputs, **attrs):
+    import ctypes
+    from mxnet.base import _LIB, OpHandle, c_str, check_call
+    from mxnet._ctypes.ndarray import _imperative_invoke
+    handle = OpHandle()
+    check_call(_LIB.NNGetOpHandle(c_str("_backward_" + OP), ctypes.byref(handle)))
+    result = _imperative_invoke(handle.value, list(inputs), list(attrs),
+                                [str(v) for v in attrs.values()], outputs, False, True)
+    mx.nd.waitall()
+    return result
+
+
+def _backward_case(rng, dy_shape=(2, 3, 4), x_shape=(2, 3, 4), gamma_shape=(3,),
+                   dx_shape=(2, 3, 4), dgamma_shape=(3,), dtype="float32", dy_dtype=None):
+    x = mx.nd.array(rng.standard_normal(x_shape), dtype=dtype)
+    dy = mx.nd.array(rng.standard_normal(dy_shape), dtype=dy_dtype or dtype)
+    gamma = mx.nd.array(rng.standard_normal(gamma_shape), dtype=dtype)
+    beta = mx.nd.zeros(gamma_shape, dtype=dtype)
+    outputs = [mx.nd.zeros(dx_shape, dtype=dtype),
+               mx.nd.zeros(dgamma_shape, dtype=dtype), mx.nd.zeros((3,), dtype=dtype)]
+    return [dy, x, gamma, beta, x], outputs
+
+
+def test_backward_called_directly_matches_reference(rng):
+    inputs, outputs = _backward_case(rng)
+    dx, dgamma, dbeta = (a.asnumpy() for a in _backward(inputs, outputs, eps=1e-3))
+    want = ref_backward(*(a.asnumpy() for a in inputs[:3]), 1e-3)
+    for got, ref in zip((dx, dgamma, dbeta), want):
+        assert_close(got, ref, np.float32)
+
+
+@pytest.mark.parametrize("case,message", [
+    (dict(dy_shape=(2, 3, 5)), "the output gradient must have shape (2, 3, 4), got (2, 3, 5)"),
+    (dict(dy_shape=(2, 3)), "the output gradient must have shape (2, 3, 4), got (2, 3)"),
+    (dict(dy_dtype="float64"), "the output gradient must have the data's dtype float32, "
+                               "got float64"),
+    (dict(gamma_shape=(4,)), "gamma must have shape (3,) to match the 3 channels of data, "
+                             "got shape (4,)"),
+    (dict(x_shape=(2, 3)), "InstanceNorm needs data of rank >= 3"),
+    (dict(dx_shape=(2, 3, 3)), "the data gradient must have shape (2, 3, 4), got (2, 3, 3)"),
+    (dict(dgamma_shape=(2,)), "the gamma gradient must have shape (3,), got (2,)"),
+    (dict(dtype="int32"), "InstanceNorm data must be float16, bfloat16, float32 or float64, got int32"),
+])
+def test_backward_validates_its_inputs(rng, case, message):
+    inputs, outputs = _backward_case(rng, **case)
+    with pytest.raises(mx.MXNetError) as info:
+        _backward(inputs, outputs)
+    assert message in str(info.value)
 
 
 def test_bad_thread_count(monkeypatch):
@@ -330,12 +426,52 @@ def test_shape_inference_error_is_ours():
 
 
 def test_unknown_data_shape_is_a_clear_error():
-    # MXNet's library-operator shim cannot pass an unknown shape on: with
-    # the parameter shapes known, the operator sees an empty data shape
-    # and says what it needs.
-    s = sym_op(mx.sym.var("data"), mx.sym.var("gamma"), mx.sym.var("beta"))
-    with pytest.raises(mx.MXNetError, match="infers shapes from the data shape only"):
+    # MXNet's library-operator shim must never see an unknown data rank (it
+    # would write past its buffer): the raw symbol function's check stops
+    # inference before, at a node named for it.
+    s = sym_op(mx.sym.var("data"), mx.sym.var("gamma"), mx.sym.var("beta"), name="in7")
+    with pytest.raises(mx.MXNetError, match="in7_data_rank_check"):
         s.infer_shape_partial(gamma=(3,), beta=(3,))
+
+
+def test_unknown_data_size_is_a_clear_error():
+    # A known rank with an unknown size reaches the operator, which says
+    # what it needs.
+    s = sym_op(mx.sym.var("data"), mx.sym.var("gamma"), mx.sym.var("beta"))
+    with pytest.raises(mx.MXNetError, match=re.escape(
+            "infers shapes from the data shape only, and it is not fully known: (2, 3, -1)")):
+        s.infer_shape_partial(data=(2, 3, 0))
+
+
+def test_raw_symbol_function_keeps_names_and_runs(rng):
+    s = sym_op(mx.sym.var("x"), mx.sym.var("g"), mx.sym.var("b"), eps=1e-3, name="norm")
+    assert s.list_arguments() == ["x", "g", "b"]
+    assert s.list_outputs() == ["norm_output"]
+    assert sym_op is mx.sym.op.__dict__[OP] and nd_op is mx.nd.op.__dict__[OP]
+    # Computed gamma of unknown rank: its shape comes from the data's.
+    computed = sym_op(mx.sym.var("x"), mx.sym.var("g") * 2, mx.sym.var("b"), axis=-1)
+    args, _, _ = computed.infer_shape(x=(2, 4, 5))
+    assert args == [(2, 4, 5), (5,), (5,)]
+    x, gamma, beta = random_inputs(rng, (2, 4, 5), -1, np.float64)
+    ex = computed.bind(mx.cpu(), {"x": mx.nd.array(x, dtype=np.float64),
+                                  "g": mx.nd.array(gamma / 2, dtype=np.float64),
+                                  "b": mx.nd.array(beta, dtype=np.float64)})
+    assert_close(ex.forward()[0].asnumpy(), ref_forward(x, gamma, beta, 1e-3, -1)[0], np.float64)
+
+
+def test_library_exports_only_lib_api_entry_points():
+    import shutil
+    import subprocess
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm on PATH")
+    out = subprocess.run([nm, "-D", "--defined-only", compiled.library_path()],
+                         stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+    names = [line.split()[-1] for line in out.splitlines() if line.strip()]
+    assert "initialize" in names and "_opRegGet" in names and "_msgGet" in names
+    assert "mx_instnorm_num_threads" in names
+    assert [n for n in names
+            if not re.match(r"^(initialize|mx_instnorm_num_threads|_op|_part|_pass|_msg)", n)] == []
 
 
 def test_loader_is_idempotent():

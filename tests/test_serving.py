@@ -38,28 +38,16 @@ THREAD_ENV = ("MX_INSTNORM_NUM_THREADS", "MXNET_OMP_MAX_THREADS", "OMP_NUM_THREA
 
 # ------------------------------------------------------------------ threads --
 
-# The compiled kernel's num_threads_from_env(std::string* error), exported
-# by the library as every non-static C++ function is (libstdc++ and libc++
-# manglings); a null error pointer is allowed.
-_COMPILED_QUERY = (
-    "_ZN11mx_instnorm20num_threads_from_envEPNSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEE",
-    "_ZN11mx_instnorm20num_threads_from_envEPNSt3__112basic_stringIcNS0_11char_traitsIcEENS0_9allocatorIcEEEE",
-)
-
-
 def _compiled_num_threads():
-    """The compiled kernel's thread count for the current environment."""
+    """The compiled kernel's thread count for the current environment, read
+    through the library's exported ``mx_instnorm_num_threads()``."""
     import ctypes
     path = mx_instnorm.library_path()
     if path is None:
         pytest.skip("compiled operator not loaded: " + mx_instnorm.backend_reason())
-    lib = ctypes.CDLL(path)
-    for name in _COMPILED_QUERY:
-        fn = getattr(lib, name, None)
-        if fn is not None:
-            fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p]
-            return fn(None)
-    pytest.skip("%s exports no num_threads_from_env under a known mangling" % path)
+    fn = ctypes.CDLL(path).mx_instnorm_num_threads
+    fn.restype, fn.argtypes = ctypes.c_int, []
+    return fn()
 
 
 @pytest.mark.parametrize("kernel", ["numpy", "compiled"])

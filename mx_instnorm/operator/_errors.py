@@ -31,7 +31,8 @@ import threading
 
 from mxnet.base import MXNetError
 
-__all__ = ["record_errors", "explain_errors", "last_error"]
+__all__ = ["record_errors", "explain_errors", "last_error", "library_message",
+           "reraise_library_error"]
 
 _state = threading.local()
 
@@ -108,3 +109,52 @@ def explain_errors():
         if new is None:
             raise
         raise new from err
+
+
+# ------------------------------------------- the compiled operator's errors --
+# lib_api (MXNet's extension-library API) keeps every message a library ever
+# reported through its public MX_ERROR_MSG, and MXNet appends them all to each
+# error of a library operator, oldest first:
+#
+#     MXNetError: Check failed: retval: Error calling FCompute for custom
+#     operator 'mx_instnorm_InstanceNorm'
+#     Extension Traceback:
+#             [0] .../lib_instance_norm.cc[146]: <the first failure's message>
+#             [1] .../lib_instance_norm.cc[160]: <this failure's message>
+#
+# The current message is the last entry.
+_TRACEBACK = "Extension Traceback:"
+
+
+def library_message(err):
+    """The message the compiled operator reported for this error (the last
+    entry of MXNet's "Extension Traceback", without its file and line), or
+    None when ``err`` carries none."""
+    text = str(err)
+    if _TRACEBACK not in text:
+        return None
+    entries = [line.strip() for line in text.split(_TRACEBACK, 1)[1].splitlines()
+               if line.strip().startswith("[")]
+    if not entries:
+        return None
+    entry = entries[-1].split("] ", 1)[-1]  # "[i] file[line]: message"
+    return entry.split("]: ", 1)[1] if "]: " in entry else entry
+
+
+def reraise_library_error(err):
+    """Raises ``err`` again as an error of its class whose text is the
+    library's current message first, then MXNet's report with only that
+    message left in its "Extension Traceback"; returns if ``err`` carries
+    no library message."""
+    message = library_message(err)
+    if message is None:
+        return
+    text = str(err)
+    head, tail = text.split(_TRACEBACK, 1)
+    last = [line for line in tail.splitlines() if line.strip().startswith("[")][-1]
+    report = "%s%s\n%s" % (head, _TRACEBACK, last)
+    try:
+        new = type(err)("%s\n\nMXNet's report:\n%s" % (message, report))
+    except Exception:  # noqa: BLE001 - an error class with another signature
+        new = MXNetError("%s\n\nMXNet's report:\n%s" % (message, report))
+    raise new from None

@@ -13,6 +13,25 @@ The operator, as registered (see ``lib_instance_norm.cc``): inputs
 (default 1), one output ``y``. Its backward reads ``dy``, ``data`` and
 ``gamma`` and always writes its three gradients (MXNet 1.9.1 passes no
 ``req`` to a library operator).
+
+The raw functions. ``mx.library.load`` generates ``mx.nd.<OP_NAME>`` and
+``mx.sym.<OP_NAME>``; :func:`load` replaces them with the safe versions of
+:func:`_install_raw_functions` (the generated ones stay available through
+:func:`generated_function`):
+
+- MXNet 1.9.1's shape inference for library operators sizes a buffer by
+  adding up the inputs' ranks, an unknown rank counting as -1, then writes
+  every known size into it: ``mx.sym.<OP_NAME>(var, var, var)`` with only
+  the data's shape given writes two sizes past the buffer's end (ranks 7, 8,
+  12, 16 abort the process), and an unknown data rank writes one. The safe
+  symbol function routes gamma and beta through a same-shape view whose
+  shape is the data's channel count, known exactly when the data's rank is:
+  so the operator's shape inference only ever runs with every rank known,
+  and with the data's rank unknown inference stops earlier, at the node
+  ``<name>_data_rank_check``, with an error.
+- lib_api keeps every message the library ever reported and MXNet shows
+  them all; the safe NDArray function raises an ``MXNetError`` with only the
+  current one (:func:`mx_instnorm.operator._errors.library_message`).
 """
 import ctypes
 import importlib.util
@@ -22,7 +41,7 @@ import sys
 import threading
 
 __all__ = ["OP_NAME", "LIBRARY_NAME", "LIBRARY_API", "NOT_BUILT_NOTE",
-           "CompiledUnavailable", "library_path", "load", "status"]
+           "CompiledUnavailable", "library_path", "load", "status", "generated_function"]
 
 OP_NAME = "mx_instnorm_InstanceNorm"
 LIBRARY_NAME = "libmx_instnorm.so"
@@ -176,6 +195,7 @@ def _load_unlocked():
             path, type(err).__name__, first[0] if first else "")) from None
     if not hasattr(mx.nd, OP_NAME) or not hasattr(mx.sym, OP_NAME):
         raise CompiledUnavailable("%s loaded but registered no %s operator" % (path, OP_NAME))
+    _install_raw_functions(mx)
     return OP_NAME
 
 
@@ -220,3 +240,118 @@ def load():
     if _result[0] == "error":
         raise CompiledUnavailable(_result[1])
     return _result[1]
+
+
+# ------------------------------------------------------- raw functions --
+# The functions mx.library.load generated, by module name ("mxnet.ndarray",
+# "mxnet.symbol"), kept when the safe ones replace them.
+_generated = {}
+
+
+def generated_function(F):
+    """The function ``mx.library.load`` generated for the operator in ``F``
+    (``mx.nd`` or ``mx.sym``), without the safeguards of the public one.
+
+    mx_instnorm's own graph builder uses it: it declares gamma and beta as
+    vectors itself (see :mod:`.functions`) and its graphs must keep their
+    node layout. Only valid after :func:`load` succeeded.
+    """
+    return _generated[F.__name__]
+
+
+def _install_raw_functions(mx):
+    """Puts the safe functions where ``mx.library.load`` put the generated
+    ones (``mx.nd``, ``mx.nd.op``, ``mx.sym``, ``mx.sym.op``), and again
+    after any later ``mx.library.load`` (which regenerates every operator
+    function)."""
+    for module, submodule, make in ((mx.nd, mx.nd.op, _safe_nd_function),
+                                    (mx.sym, mx.sym.op, _safe_sym_function)):
+        current = getattr(submodule, OP_NAME)
+        if getattr(current, "_mx_instnorm_generated", None) is None:
+            _generated[module.__name__] = current
+            safe = make(current)
+            for where in (module, submodule):
+                setattr(where, OP_NAME, safe)
+    library_load = mx.library.load
+    if getattr(library_load, "_mx_instnorm_reinstalls", False):
+        return
+
+    def load(path, verbose=True):  # mx.library.load's signature
+        library_load(path, verbose)
+        if hasattr(mx.sym.op, OP_NAME):
+            _install_raw_functions(mx)
+
+    load.__doc__ = library_load.__doc__
+    load.__wrapped__ = library_load
+    load._mx_instnorm_reinstalls = True
+    mx.library.load = load
+
+
+def _safe_nd_function(generated):
+    from ._errors import reraise_library_error
+
+    def nd_function(*args, **kwargs):
+        try:
+            return generated(*args, **kwargs)
+        except RuntimeError as err:  # MXNetError
+            reraise_library_error(err)
+            raise
+
+    _describe(nd_function, generated, "NDArray")
+    return nd_function
+
+
+def _safe_sym_function(generated):
+    import mxnet as mx
+
+    def sym_function(*args, **kwargs):
+        inputs = list(args)
+        if not inputs:
+            inputs = [kwargs.pop(k) for k in ("data", "gamma", "beta") if k in kwargs]
+        if len(inputs) != 3 or not all(isinstance(s, mx.sym.Symbol) for s in inputs):
+            # Not a call that can build a node: the generated function says why.
+            return generated(*args, **kwargs)
+        try:
+            axis = int(str(kwargs.get("axis", 1)))
+        except ValueError:
+            return generated(*inputs, **kwargs)  # the library refuses the axis
+        name = mx.name.NameManager._current.value.get(kwargs.pop("name", None),
+                                                       OP_NAME.lower())
+        data, gamma, beta = inputs
+        with mx.name.NameManager():
+            like = _channel_vector(mx, data, axis, name)
+            gamma = mx.sym._internal._identity_with_attr_like_rhs(
+                gamma, like, name=name + "_gamma_vector")
+            beta = mx.sym._internal._identity_with_attr_like_rhs(
+                beta, like, name=name + "_beta_vector")
+            return generated(data, gamma, beta, name=name, **kwargs)
+
+    _describe(sym_function, generated, "Symbol")
+    return sym_function
+
+
+def _channel_vector(mx, data, axis, name):
+    """Zeros of shape ``(C,)``, C the size of ``data``'s axis ``axis``, of
+    whatever dtype their consumer has: their shape is known exactly when the
+    data's rank is. ``arange_like`` along ``axis`` reads only the data's
+    shape (behind ``BlockGrad``: no gradient flows back to the data), and its
+    shape inference raises when the data's rank is unknown or ``axis`` is
+    out of range: an error at ``<name>_data_rank_check``, where the
+    operator's own would come only after MXNet's shim overflowed."""
+    check = mx.sym.contrib.arange_like(mx.sym.BlockGrad(data, name=name + "_data_shape"),
+                                       axis=axis, name=name + "_data_rank_check")
+    zero = mx.sym._internal._zeros_without_dtype(shape=(1,), name=name + "_zero")
+    return mx.sym.broadcast_like(zero, check, name=name + "_channel_zeros")
+
+
+def _describe(function, generated, kind):
+    function.__name__ = function.__qualname__ = OP_NAME
+    function.__module__ = generated.__module__
+    function.__doc__ = (
+        "mx_instnorm's compiled InstanceNorm as the raw %s function of "
+        "``mx.library.load``, made safe by mx_instnorm (see "
+        "mx_instnorm.operator.compiled): inputs data, gamma, beta; "
+        "keywords eps (default 0.001), axis (default 1), name.\n\n"
+        "The generated function's documentation follows.\n%s"
+        % (kind, generated.__doc__ or ""))
+    function._mx_instnorm_generated = generated

@@ -13,7 +13,7 @@ import os
 
 import mxnet as mx
 
-from . import _params, backend
+from . import _params, backend, compiled
 from ._errors import explain_errors
 from ._onednn import guard_input, guard_output
 from .custom_op import OP_TYPE
@@ -30,7 +30,10 @@ def _compiled_function(F, op_name):
     key = (F.__name__, op_name)
     fn = _compiled_functions.get(key)
     if fn is None:
-        fn = _compiled_functions[key] = getattr(F, op_name)
+        # Graphs keep the generated symbol function's single node (gamma and
+        # beta are declared as vectors here instead: _declare_rank_one).
+        fn = _compiled_functions[key] = (compiled.generated_function(F) if F is mx.sym
+                                         else getattr(F, op_name))
     return fn
 
 
