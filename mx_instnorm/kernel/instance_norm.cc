@@ -41,6 +41,11 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define MX_INSTNORM_F16C 1
+#endif
+
 #if defined(__linux__)
 #include <sched.h>
 #include <sys/mman.h>
@@ -243,6 +248,48 @@ template <> struct IsHalf<bf16_t> : std::true_type {};
 MX_INSTNORM_INLINE void store(half_t* q, Vec<float>::type v) { store_half16(q, v); }
 MX_INSTNORM_INLINE void store(bf16_t* q, Vec<float>::type v) { store_bf16x16(q, v); }
 
+// float16 through F16C. The hot loops are target_clones functions, into
+// which GCC 12 neither inlines target("f16c") code nor vectorizes _Float16
+// conversions; so float16 data is converted a chunk at a time (at most
+// kChunk elements, cache-resident) by these separately compiled helpers
+// and the float32 loops run on the chunk. vcvtph2ps widens exactly and
+// vcvtps2ph with _MM_FROUND_TO_NEAREST_INT rounds to nearest even whatever
+// the MXCSR says (neither conversion honours DAZ/FTZ): the same bits as
+// half_bits_to_float_bits / float_bits_to_half_bits, so results do not
+// depend on which path ran (tests/test_half.py compares them). Chosen per
+// call (use_f16c); MX_INSTNORM_HALF_SCALAR=1 forces the portable path.
+#if defined(MX_INSTNORM_F16C)
+__attribute__((target("f16c,avx"), noinline)) void f16c_widen(const half_t* p, int64_t len,
+                                                                  float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+  for (; i < len; ++i) out[i] = _cvtsh_ss(p[i].bits);
+}
+
+__attribute__((target("f16c,avx"), noinline)) void f16c_narrow(const float* v, int64_t len,
+                                                                   half_t* q) {
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < len; ++i) q[i].bits = _cvtss_sh(v[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#else
+void f16c_widen(const half_t*, int64_t, float*) {}
+void f16c_narrow(const float*, int64_t, half_t*) {}
+#endif
+
+bool use_f16c() {
+#if defined(MX_INSTNORM_F16C)
+  static const bool cpu_has = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  const char* env = std::getenv("MX_INSTNORM_HALF_SCALAR");
+  return cpu_has && !(env != nullptr && env[0] == '1');
+#else
+  return false;
+#endif
+}
+
 template <class A, class T>
 MX_INSTNORM_INLINE typename Vec<A>::type load(const T* p) {
   typename Vec<A>::type v;
@@ -366,8 +413,10 @@ MX_INSTNORM_HOT void forward_segments(const Layout& L, const T* x, const P* gamm
                                       const P* beta, double eps, T* y,
                                       typename Acc<T>::type* mean,
                                       typename Acc<T>::type* rstd, int64_t first,
-                                      int64_t last) {
+                                      int64_t last, bool f16c) {
   typedef typename Acc<T>::type A;
+  constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
+  alignas(64) A buf[chunked ? kChunk : 1];
   for (int64_t i = first; i < last; ++i) {
     const int64_t n = i / L.c, c = i % L.c;
     const T* x0 = x + (n * L.a * L.c + c) * L.b;
@@ -378,7 +427,12 @@ MX_INSTNORM_HOT void forward_segments(const Layout& L, const T* x, const P* gamm
       for (int64_t off = 0; off < L.b; off += kChunk) {
         int64_t len = std::min(kChunk, L.b - off);
         A mc, m2c;
-        chunk_moments(p + off, len, K, &mc, &m2c);
+        if (chunked && f16c) {
+          if constexpr (chunked) f16c_widen(p + off, len, buf);
+          chunk_moments(buf, len, K, &mc, &m2c);
+        } else {
+          chunk_moments(p + off, len, K, &mc, &m2c);
+        }
         mo.merge(static_cast<double>(len), mc, m2c);
       }
     }
@@ -388,16 +442,29 @@ MX_INSTNORM_HOT void forward_segments(const Layout& L, const T* x, const P* gamm
     const A mu = static_cast<A>(st.mu);
     const A k = static_cast<A>(widen(gamma[c]) * static_cast<A>(st.rstd));
     const A b = static_cast<A>(widen(beta[c]));
+    // One formula for vectors, scalars and F16C chunks alike.
+    auto out = [&](auto v) __attribute__((always_inline)) { return ((v - K) - mu) * k + b; };
     for (int64_t a = 0; a < L.a; ++a) {
       const int64_t off = a * L.c * L.b;
       const T* p = x0 + off;
       T* q = y + (n * L.a * L.c + c) * L.b + off;
+      if constexpr (chunked) {
+        if (f16c) {
+          for (int64_t j0 = 0; j0 < L.b; j0 += kChunk) {
+            const int64_t len = std::min(kChunk, L.b - j0);
+            f16c_widen(p + j0, len, buf);
+            for (int64_t j = 0; j < len; ++j) buf[j] = out(buf[j]);
+            f16c_narrow(buf, len, q + j0);
+          }
+          continue;
+        }
+      }
       int64_t j = 0;
       if constexpr (IsHalf<T>::value) {
         // Whole vectors (GCC left the fused widen-narrow loop scalar).
-        for (; j + 16 <= L.b; j += 16) store(q + j, ((load<A>(p + j) - K) - mu) * k + b);
+        for (; j + 16 <= L.b; j += 16) store(q + j, out(load<A>(p + j)));
       }
-      for (; j < L.b; ++j) q[j] = narrow<T>(((widen(p[j]) - K) - mu) * k + b);
+      for (; j < L.b; ++j) q[j] = narrow<T>(out(widen(p[j])));
     }
   }
 }
@@ -537,8 +604,11 @@ MX_INSTNORM_INLINE DxCoef backward_coefficients(double m, double gamma, const St
 template <class T, class P>
 MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x, const P* gamma,
                                        double eps, T* dx, double* dgamma_part,
-                                       double* dbeta_part, int64_t first, int64_t last) {
+                                       double* dbeta_part, int64_t first, int64_t last,
+                                       bool f16c) {
   typedef typename Acc<T>::type A;
+  constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
+  alignas(64) A gbuf[chunked ? kChunk : 1], xbuf[chunked ? kChunk : 1];
   const double m = static_cast<double>(L.a * L.b);
   for (int64_t i = first; i < last; ++i) {
     const int64_t n = i / L.c, c = i % L.c;
@@ -546,26 +616,50 @@ MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x,
     const A K = widen(x[base]);
     GradSums sums;
     for (int64_t a = 0; a < L.a; ++a)
-      for (int64_t off = 0; off < L.b; off += kChunk)
-        chunk_grad_sums(dy + base + a * stride + off, x + base + a * stride + off,
-                        std::min(kChunk, L.b - off), K, &sums);
+      for (int64_t off = 0; off < L.b; off += kChunk) {
+        const T* g = dy + base + a * stride + off;
+        const T* p = x + base + a * stride + off;
+        const int64_t len = std::min(kChunk, L.b - off);
+        if (chunked && f16c) {
+          if constexpr (chunked) {
+            f16c_widen(g, len, gbuf);
+            f16c_widen(p, len, xbuf);
+          }
+          chunk_grad_sums(gbuf, xbuf, len, K, &sums);
+        } else {
+          chunk_grad_sums(g, p, len, K, &sums);
+        }
+      }
     const Stats st = backward_stats(&sums, dy, x, L, n, c, K, eps);
     const DxCoef co = backward_coefficients(m, widen(gamma[c]), st, sums);
     dgamma_part[i] = co.dgamma;
     dbeta_part[i] = co.dbeta;
     if (dx == nullptr) continue;
     const A k = static_cast<A>(co.k), b0 = static_cast<A>(co.b0), b1 = static_cast<A>(co.b1);
+    // One formula for vectors, scalars and F16C chunks alike.
+    auto out = [&](auto gv, auto xv) __attribute__((always_inline)) { return k * (gv - b1 * (xv - K) + b0); };
     for (int64_t a = 0; a < L.a; ++a) {
       const int64_t off = base + a * stride;
       const T* g = dy + off;
       const T* p = x + off;
       T* q = dx + off;
+      if constexpr (chunked) {
+        if (f16c) {
+          for (int64_t j0 = 0; j0 < L.b; j0 += kChunk) {
+            const int64_t len = std::min(kChunk, L.b - j0);
+            f16c_widen(g + j0, len, gbuf);
+            f16c_widen(p + j0, len, xbuf);
+            for (int64_t j = 0; j < len; ++j) gbuf[j] = out(gbuf[j], xbuf[j]);
+            f16c_narrow(gbuf, len, q + j0);
+          }
+          continue;
+        }
+      }
       int64_t j = 0;
       if constexpr (IsHalf<T>::value) {
-        for (; j + 16 <= L.b; j += 16)
-          store(q + j, k * (load<A>(g + j) - b1 * (load<A>(p + j) - K) + b0));
+        for (; j + 16 <= L.b; j += 16) store(q + j, out(load<A>(g + j), load<A>(p + j)));
       }
-      for (; j < L.b; ++j) q[j] = narrow<T>(k * (widen(g[j]) - b1 * (widen(p[j]) - K) + b0));
+      for (; j < L.b; ++j) q[j] = narrow<T>(out(widen(g[j]), widen(p[j])));
     }
   }
 }
@@ -717,6 +811,7 @@ void run_forward(const Layout& L, const void* xv, const void* gv, const void* bv
   }
   const size_t bytes = static_cast<size_t>(instances * m) * sizeof(T);
   advise_fresh_output(y, bytes);
+  const bool f16c = std::is_same<T, half_t>::value && use_f16c();
   if (L.b == 1 && L.a > 1) {
     const int64_t blocks = (L.c + kColBlock - 1) / kColBlock, items = L.n * blocks;
     parallel_for(items, threads_for(num_threads, items, bytes), [&](int64_t it) {
@@ -729,7 +824,7 @@ void run_forward(const Layout& L, const void* xv, const void* gv, const void* bv
     const int64_t items = (instances + group - 1) / group;
     parallel_for(items, threads_for(num_threads, items, bytes), [&](int64_t it) {
       forward_segments<T, P>(L, x, gamma, beta, eps, y, mean, rstd, it * group,
-                             std::min(instances, (it + 1) * group));
+                             std::min(instances, (it + 1) * group), f16c);
     });
   }
 }
@@ -749,6 +844,7 @@ void run_backward(const Layout& L, const void* dyv, const void* xv, const void* 
   if (instances > 0 && m > 0) {
     const size_t bytes = static_cast<size_t>(instances * m) * sizeof(T);
     advise_fresh_output(dx, bytes);
+    const bool f16c = std::is_same<T, half_t>::value && use_f16c();
     if (L.b == 1 && L.a > 1) {
       const int64_t blocks = (L.c + kColBlock - 1) / kColBlock, items = L.n * blocks;
       parallel_for(items, threads_for(num_threads, items, 2 * bytes), [&](int64_t it) {
@@ -763,7 +859,7 @@ void run_backward(const Layout& L, const void* dyv, const void* xv, const void* 
       parallel_for(items, threads_for(num_threads, items, 2 * bytes), [&](int64_t it) {
         backward_segments<T, P>(L, dy, x, gamma, eps, dx, dgamma_part.data(),
                                 dbeta_part.data(), it * group,
-                                std::min(instances, (it + 1) * group));
+                                std::min(instances, (it + 1) * group), f16c);
       });
     }
   }
