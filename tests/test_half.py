@@ -239,7 +239,7 @@ def _half_results(x, gamma, beta, dy, axis):
 
 
 @pytest.mark.parametrize("shape,axis", [((2, 4, 4001), 1), ((3, 4, 37, 61), 1),
-                                        ((2, 4, 5000), 1), ((2, 30, 4), -1)])
+                                        ((2, 4, 5000), 1), ((2, 61, 300), -1)])
 def test_float16_f16c_and_portable_paths_agree(rng, monkeypatch, shape, axis):
     """The compiled kernel converts float16 with F16C where the CPU has it
     and with portable integer code otherwise (MX_INSTNORM_HALF_SCALAR=1

@@ -475,9 +475,22 @@ MX_INSTNORM_HOT void forward_columns(const Layout& L, const T* x, const P* gamma
                                      const P* beta, double eps, T* y,
                                      typename Acc<T>::type* mean,
                                      typename Acc<T>::type* rstd, int64_t n, int64_t c0,
-                                     int64_t c1) {
+                                     int64_t c1, bool f16c) {
   typedef typename Acc<T>::type A;
   const int64_t w = c1 - c0, C = L.c;
+  constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
+  alignas(64) A rbuf[chunked ? kColBlock : 1];
+  // body(row) on the row's w elements, converted with F16C first when
+  // that is the path: the same float32 arithmetic either way.
+  auto with_row = [&](const T* row, auto body) __attribute__((always_inline)) {
+    if constexpr (chunked) {
+      if (f16c) {
+        f16c_widen(row, w, rbuf);
+        return body(static_cast<const A*>(rbuf));
+      }
+    }
+    return body(row);
+  };
   const T* slab = x + n * L.a * C + c0;
   T* out = y + n * L.a * C + c0;
   A K[kColBlock], s[kColBlock], q[kColBlock], mu[kColBlock], k[kColBlock], b[kColBlock];
@@ -486,19 +499,19 @@ MX_INSTNORM_HOT void forward_columns(const Layout& L, const T* x, const P* gamma
   for (int64_t r0 = 0; r0 < L.a; r0 += kRowChunk) {
     const int64_t r1 = std::min(L.a, r0 + kRowChunk);
     for (int64_t j = 0; j < w; ++j) s[j] = q[j] = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = slab + r * C;
-      for (int64_t j = 0; j < w; ++j) s[j] += widen(row[j]) - K[j];
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      with_row(slab + r * C, [&](auto row) __attribute__((always_inline)) {
+        for (int64_t j = 0; j < w; ++j) s[j] += widen(row[j]) - K[j];
+      });
     const A len = static_cast<A>(r1 - r0);
     for (int64_t j = 0; j < w; ++j) mu[j] = s[j] / len;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = slab + r * C;
-      for (int64_t j = 0; j < w; ++j) {
-        A e = (widen(row[j]) - K[j]) - mu[j];
-        q[j] += e * e;
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      with_row(slab + r * C, [&](auto row) __attribute__((always_inline)) {
+        for (int64_t j = 0; j < w; ++j) {
+          A e = (widen(row[j]) - K[j]) - mu[j];
+          q[j] += e * e;
+        }
+      });
     for (int64_t j = 0; j < w; ++j) mo[j].merge(static_cast<double>(r1 - r0), mu[j], q[j]);
   }
   for (int64_t j = 0; j < w; ++j) {
@@ -511,9 +524,18 @@ MX_INSTNORM_HOT void forward_columns(const Layout& L, const T* x, const P* gamma
     b[j] = static_cast<A>(widen(beta[c]));
   }
   for (int64_t r = 0; r < L.a; ++r) {
-    const T* row = slab + r * C;
     T* orow = out + r * C;
-    for (int64_t j = 0; j < w; ++j) orow[j] = narrow<T>(((widen(row[j]) - K[j]) - mu[j]) * k[j] + b[j]);
+    with_row(slab + r * C, [&](auto row) __attribute__((always_inline)) {
+      if constexpr (chunked) {
+        if (f16c) {  // row is rbuf: overwritten in place, then narrowed
+          for (int64_t j = 0; j < w; ++j) rbuf[j] = ((rbuf[j] - K[j]) - mu[j]) * k[j] + b[j];
+          f16c_narrow(rbuf, w, orow);
+          return;
+        }
+      }
+      for (int64_t j = 0; j < w; ++j)
+        orow[j] = narrow<T>(((widen(row[j]) - K[j]) - mu[j]) * k[j] + b[j]);
+    });
   }
 }
 
@@ -667,9 +689,23 @@ MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x,
 template <class T, class P>
 MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, const P* gamma,
                                       double eps, T* dx, double* dgamma_part,
-                                      double* dbeta_part, int64_t n, int64_t c0, int64_t c1) {
+                                      double* dbeta_part, int64_t n, int64_t c0, int64_t c1,
+                                      bool f16c) {
   typedef typename Acc<T>::type A;
   const int64_t w = c1 - c0, C = L.c;
+  constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
+  alignas(64) A gbuf[chunked ? kColBlock : 1], xbuf[chunked ? kColBlock : 1];
+  // body(g, x) on one row of dy and of x, as in forward_columns.
+  auto with_rows = [&](const T* g, const T* p, auto body) __attribute__((always_inline)) {
+    if constexpr (chunked) {
+      if (f16c) {
+        f16c_widen(g, w, gbuf);
+        f16c_widen(p, w, xbuf);
+        return body(static_cast<const A*>(gbuf), static_cast<const A*>(xbuf));
+      }
+    }
+    return body(g, p);
+  };
   const int64_t base = n * L.a * C + c0;
   A K[kColBlock], s_d[kColBlock], s_dd[kColBlock], s_g[kColBlock], s_gd[kColBlock];
   A k[kColBlock], b0[kColBlock], b1[kColBlock];
@@ -678,17 +714,17 @@ MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, 
   for (int64_t r0 = 0; r0 < L.a; r0 += kRowChunk) {
     const int64_t r1 = std::min(L.a, r0 + kRowChunk);
     for (int64_t j = 0; j < w; ++j) s_d[j] = s_dd[j] = s_g[j] = s_gd[j] = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* g = dy + base + r * C;
-      const T* p = x + base + r * C;
-      for (int64_t j = 0; j < w; ++j) {
-        A gv = widen(g[j]), d = widen(p[j]) - K[j];
-        s_d[j] += d;
-        s_dd[j] += d * d;
-        s_g[j] += gv;
-        s_gd[j] += gv * d;
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      with_rows(dy + base + r * C, x + base + r * C,
+                [&](auto g, auto p) __attribute__((always_inline)) {
+                  for (int64_t j = 0; j < w; ++j) {
+                    A gv = widen(g[j]), d = widen(p[j]) - K[j];
+                    s_d[j] += d;
+                    s_dd[j] += d * d;
+                    s_g[j] += gv;
+                    s_gd[j] += gv * d;
+                  }
+                });
     for (int64_t j = 0; j < w; ++j) {
       sums[j].d += s_d[j];
       sums[j].dd += s_dd[j];
@@ -709,11 +745,20 @@ MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, 
   }
   if (dx == nullptr) return;
   for (int64_t r = 0; r < L.a; ++r) {
-    const T* g = dy + base + r * C;
-    const T* p = x + base + r * C;
     T* q = dx + base + r * C;
-    for (int64_t j = 0; j < w; ++j)
-      q[j] = narrow<T>(k[j] * (widen(g[j]) - b1[j] * (widen(p[j]) - K[j]) + b0[j]));
+    with_rows(dy + base + r * C, x + base + r * C,
+              [&](auto g, auto p) __attribute__((always_inline)) {
+                if constexpr (chunked) {
+                  if (f16c) {  // g is gbuf: overwritten in place, then narrowed
+                    for (int64_t j = 0; j < w; ++j)
+                      gbuf[j] = k[j] * (gbuf[j] - b1[j] * (xbuf[j] - K[j]) + b0[j]);
+                    f16c_narrow(gbuf, w, q);
+                    return;
+                  }
+                }
+                for (int64_t j = 0; j < w; ++j)
+                  q[j] = narrow<T>(k[j] * (widen(g[j]) - b1[j] * (widen(p[j]) - K[j]) + b0[j]));
+              });
   }
 }
 
@@ -817,7 +862,7 @@ void run_forward(const Layout& L, const void* xv, const void* gv, const void* bv
     parallel_for(items, threads_for(num_threads, items, bytes), [&](int64_t it) {
       const int64_t n = it / blocks, c0 = (it % blocks) * kColBlock;
       forward_columns<T, P>(L, x, gamma, beta, eps, y, mean, rstd, n, c0,
-                            std::min(L.c, c0 + kColBlock));
+                            std::min(L.c, c0 + kColBlock), f16c);
     });
   } else {
     const int64_t group = std::max<int64_t>(1, kGroupBytes / (m * static_cast<int64_t>(sizeof(T))));
@@ -850,7 +895,7 @@ void run_backward(const Layout& L, const void* dyv, const void* xv, const void* 
       parallel_for(items, threads_for(num_threads, items, 2 * bytes), [&](int64_t it) {
         const int64_t n = it / blocks, c0 = (it % blocks) * kColBlock;
         backward_columns<T, P>(L, dy, x, gamma, eps, dx, dgamma_part.data(),
-                               dbeta_part.data(), n, c0, std::min(L.c, c0 + kColBlock));
+                               dbeta_part.data(), n, c0, std::min(L.c, c0 + kColBlock), f16c);
       });
     } else {
       const int64_t group =
