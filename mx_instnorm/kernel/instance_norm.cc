@@ -62,6 +62,14 @@
 #endif
 #define MX_INSTNORM_INLINE inline __attribute__((always_inline))
 #if defined(__GNUC__) && !defined(__clang__)
+// No fused multiply-adds: GCC contracts a * b + c wherever the target has
+// FMA (the AVX2 and AVX-512 clones, not the generic one) and wherever the
+// loop's shape lets it, so the same data gave different bits on different
+// CPUs and on the F16C and portable float16 paths. Measured: no cost
+// (the loops are memory-bound).
+#pragma GCC optimize("fp-contract=off")
+#endif
+#if defined(__GNUC__) && !defined(__clang__)
 // The 64-byte vectors below never cross a function boundary (always
 // inlined, internal linkage): GCC's note that passing them changes the ABI
 // without AVX-512 does not apply.
