@@ -226,3 +226,50 @@ def test_bitwise_identical_across_thread_counts(rng, monkeypatch, dtype, shape, 
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+def _half_results(x, gamma, beta, dy, axis):
+    xa, g = x.copy(), gamma.copy()
+    for a in (xa, g):
+        a.attach_grad()
+    with mx.autograd.record():
+        y = mx_instnorm.nd.InstanceNorm(xa, g, beta, eps=EPS, axis=axis)
+    y.backward(dy)
+    return [a.asnumpy() for a in (y, xa.grad, g.grad)]
+
+
+@pytest.mark.parametrize("shape,axis", [((2, 4, 4001), 1), ((3, 4, 37, 61), 1),
+                                        ((2, 4, 5000), 1), ((2, 61, 300), -1)])
+def test_float16_f16c_and_portable_paths_agree(rng, monkeypatch, shape, axis):
+    """The compiled kernel converts float16 with F16C where the CPU has it
+    and with portable integer code otherwise (MX_INSTNORM_HALF_SCALAR=1
+    forces the latter): both must give the same bits, and outputs that are
+    the float64 reference rounded once to float16 (ties to even), up to the
+    float32 arithmetic's noise. Gammas from 1e-6 to 3e4 put outputs among
+    the subnormals and past the largest finite value; lengths of 4001 and
+    5000 cross the kernel's 2048-element chunks and leave odd tails."""
+    if mx_instnorm.backend() != "compiled":
+        pytest.skip("the conversions are the compiled kernel's")
+    c = shape[axis]
+    x, xr = rounded(rng, shape, "float16", 2.0, 3.0)
+    gamma_np = np.resize(np.array([1e-6, 3e-5, 1.0, 3e4], np.float32), c)
+    gamma, beta = mx.nd.array(gamma_np), mx.nd.array(rng.standard_normal(c) * 1e-6)
+    dy, _ = rounded(rng, shape, "float16")
+    fast = _half_results(x, gamma, beta, dy, axis)
+    monkeypatch.setenv("MX_INSTNORM_HALF_SCALAR", "1")
+    portable = _half_results(x, gamma, beta, dy, axis)
+    for a, b in zip(fast, portable):
+        np.testing.assert_array_equal(a.view(np.uint16) if a.dtype == np.float16 else a,
+                                      b.view(np.uint16) if b.dtype == np.float16 else b)
+    y = fast[0]
+    assert np.isinf(y).any() and ((y != 0) & (np.abs(y) < 2.0 ** -14)).any()
+    want = ref_forward(xr, gamma_np.astype(np.float64), as_f64(beta), EPS, axis)[0]
+    want16 = want.astype(np.float16)
+    # float32 arithmetic may put a value on the other side of a rounding
+    # boundary: then it is the neighbouring float16, never further.
+    same = (y == want16) | (np.isinf(y) & np.isinf(want16) & (np.sign(y) == np.sign(want16)))
+    assert same.mean() > 0.99
+    finite = np.isfinite(want16) & np.isfinite(y)
+    ulps = np.abs(y[finite].view(np.int16).astype(np.int32) -
+                  want16[finite].view(np.int16).astype(np.int32))
+    assert ulps.max() <= 1

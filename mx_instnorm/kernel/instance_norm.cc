@@ -41,6 +41,11 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define MX_INSTNORM_F16C 1
+#endif
+
 #if defined(__linux__)
 #include <sched.h>
 #include <sys/mman.h>
@@ -56,6 +61,15 @@
 #define MX_INSTNORM_HOT
 #endif
 #define MX_INSTNORM_INLINE inline __attribute__((always_inline))
+#if defined(__GNUC__) && !defined(__clang__)
+// No fused multiply-adds: GCC contracts a * b + c wherever the target has
+// FMA (the AVX2 and AVX-512 clones, not the generic one) and wherever the
+// loop's shape lets it, so the same data gave different bits on different
+// CPUs and on the F16C and portable float16 paths. Measured, float32
+// (16, 128, 64, 64), 2 threads, load 2 on 2 cores, interleaved in one
+// process: medians 1-7% slower than with contraction.
+#pragma GCC optimize("fp-contract=off")
+#endif
 #if defined(__GNUC__) && !defined(__clang__)
 // The 64-byte vectors below never cross a function boundary (always
 // inlined, internal linkage): GCC's note that passing them changes the ABI
@@ -243,6 +257,48 @@ template <> struct IsHalf<bf16_t> : std::true_type {};
 MX_INSTNORM_INLINE void store(half_t* q, Vec<float>::type v) { store_half16(q, v); }
 MX_INSTNORM_INLINE void store(bf16_t* q, Vec<float>::type v) { store_bf16x16(q, v); }
 
+// float16 through F16C. The hot loops are target_clones functions, into
+// which GCC 12 neither inlines target("f16c") code nor vectorizes _Float16
+// conversions; so float16 data is converted a chunk at a time (at most
+// kChunk elements, cache-resident) by these separately compiled helpers
+// and the float32 loops run on the chunk. vcvtph2ps widens exactly and
+// vcvtps2ph with _MM_FROUND_TO_NEAREST_INT rounds to nearest even whatever
+// the MXCSR says (neither conversion honours DAZ/FTZ): the same bits as
+// half_bits_to_float_bits / float_bits_to_half_bits, so results do not
+// depend on which path ran (tests/test_half.py compares them). Chosen per
+// call (use_f16c); MX_INSTNORM_HALF_SCALAR=1 forces the portable path.
+#if defined(MX_INSTNORM_F16C)
+__attribute__((target("f16c,avx"), noinline)) void f16c_widen(const half_t* p, int64_t len,
+                                                                  float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+  for (; i < len; ++i) out[i] = _cvtsh_ss(p[i].bits);
+}
+
+__attribute__((target("f16c,avx"), noinline)) void f16c_narrow(const float* v, int64_t len,
+                                                                   half_t* q) {
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < len; ++i) q[i].bits = _cvtss_sh(v[i], _MM_FROUND_TO_NEAREST_INT);
+}
+#else
+void f16c_widen(const half_t*, int64_t, float*) {}
+void f16c_narrow(const float*, int64_t, half_t*) {}
+#endif
+
+bool use_f16c() {
+#if defined(MX_INSTNORM_F16C)
+  static const bool cpu_has = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  const char* env = std::getenv("MX_INSTNORM_HALF_SCALAR");
+  return cpu_has && !(env != nullptr && env[0] == '1');
+#else
+  return false;
+#endif
+}
+
 template <class A, class T>
 MX_INSTNORM_INLINE typename Vec<A>::type load(const T* p) {
   typename Vec<A>::type v;
@@ -366,8 +422,10 @@ MX_INSTNORM_HOT void forward_segments(const Layout& L, const T* x, const P* gamm
                                       const P* beta, double eps, T* y,
                                       typename Acc<T>::type* mean,
                                       typename Acc<T>::type* rstd, int64_t first,
-                                      int64_t last) {
+                                      int64_t last, bool f16c) {
   typedef typename Acc<T>::type A;
+  constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
+  alignas(64) A buf[chunked ? kChunk : 1];
   for (int64_t i = first; i < last; ++i) {
     const int64_t n = i / L.c, c = i % L.c;
     const T* x0 = x + (n * L.a * L.c + c) * L.b;
@@ -378,7 +436,12 @@ MX_INSTNORM_HOT void forward_segments(const Layout& L, const T* x, const P* gamm
       for (int64_t off = 0; off < L.b; off += kChunk) {
         int64_t len = std::min(kChunk, L.b - off);
         A mc, m2c;
-        chunk_moments(p + off, len, K, &mc, &m2c);
+        if (chunked && f16c) {
+          if constexpr (chunked) f16c_widen(p + off, len, buf);
+          chunk_moments(buf, len, K, &mc, &m2c);
+        } else {
+          chunk_moments(p + off, len, K, &mc, &m2c);
+        }
         mo.merge(static_cast<double>(len), mc, m2c);
       }
     }
@@ -388,16 +451,29 @@ MX_INSTNORM_HOT void forward_segments(const Layout& L, const T* x, const P* gamm
     const A mu = static_cast<A>(st.mu);
     const A k = static_cast<A>(widen(gamma[c]) * static_cast<A>(st.rstd));
     const A b = static_cast<A>(widen(beta[c]));
+    // One formula for vectors, scalars and F16C chunks alike.
+    auto out = [&](auto v) __attribute__((always_inline)) { return ((v - K) - mu) * k + b; };
     for (int64_t a = 0; a < L.a; ++a) {
       const int64_t off = a * L.c * L.b;
       const T* p = x0 + off;
       T* q = y + (n * L.a * L.c + c) * L.b + off;
+      if constexpr (chunked) {
+        if (f16c) {
+          for (int64_t j0 = 0; j0 < L.b; j0 += kChunk) {
+            const int64_t len = std::min(kChunk, L.b - j0);
+            f16c_widen(p + j0, len, buf);
+            for (int64_t j = 0; j < len; ++j) buf[j] = out(buf[j]);
+            f16c_narrow(buf, len, q + j0);
+          }
+          continue;
+        }
+      }
       int64_t j = 0;
       if constexpr (IsHalf<T>::value) {
         // Whole vectors (GCC left the fused widen-narrow loop scalar).
-        for (; j + 16 <= L.b; j += 16) store(q + j, ((load<A>(p + j) - K) - mu) * k + b);
+        for (; j + 16 <= L.b; j += 16) store(q + j, out(load<A>(p + j)));
       }
-      for (; j < L.b; ++j) q[j] = narrow<T>(((widen(p[j]) - K) - mu) * k + b);
+      for (; j < L.b; ++j) q[j] = narrow<T>(out(widen(p[j])));
     }
   }
 }
@@ -408,9 +484,22 @@ MX_INSTNORM_HOT void forward_columns(const Layout& L, const T* x, const P* gamma
                                      const P* beta, double eps, T* y,
                                      typename Acc<T>::type* mean,
                                      typename Acc<T>::type* rstd, int64_t n, int64_t c0,
-                                     int64_t c1) {
+                                     int64_t c1, bool f16c) {
   typedef typename Acc<T>::type A;
   const int64_t w = c1 - c0, C = L.c;
+  constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
+  alignas(64) A rbuf[chunked ? kColBlock : 1];
+  // body(row) on the row's w elements, converted with F16C first when
+  // that is the path: the same float32 arithmetic either way.
+  auto with_row = [&](const T* row, auto body) __attribute__((always_inline)) {
+    if constexpr (chunked) {
+      if (f16c) {
+        f16c_widen(row, w, rbuf);
+        return body(static_cast<const A*>(rbuf));
+      }
+    }
+    return body(row);
+  };
   const T* slab = x + n * L.a * C + c0;
   T* out = y + n * L.a * C + c0;
   A K[kColBlock], s[kColBlock], q[kColBlock], mu[kColBlock], k[kColBlock], b[kColBlock];
@@ -419,19 +508,19 @@ MX_INSTNORM_HOT void forward_columns(const Layout& L, const T* x, const P* gamma
   for (int64_t r0 = 0; r0 < L.a; r0 += kRowChunk) {
     const int64_t r1 = std::min(L.a, r0 + kRowChunk);
     for (int64_t j = 0; j < w; ++j) s[j] = q[j] = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = slab + r * C;
-      for (int64_t j = 0; j < w; ++j) s[j] += widen(row[j]) - K[j];
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      with_row(slab + r * C, [&](auto row) __attribute__((always_inline)) {
+        for (int64_t j = 0; j < w; ++j) s[j] += widen(row[j]) - K[j];
+      });
     const A len = static_cast<A>(r1 - r0);
     for (int64_t j = 0; j < w; ++j) mu[j] = s[j] / len;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = slab + r * C;
-      for (int64_t j = 0; j < w; ++j) {
-        A e = (widen(row[j]) - K[j]) - mu[j];
-        q[j] += e * e;
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      with_row(slab + r * C, [&](auto row) __attribute__((always_inline)) {
+        for (int64_t j = 0; j < w; ++j) {
+          A e = (widen(row[j]) - K[j]) - mu[j];
+          q[j] += e * e;
+        }
+      });
     for (int64_t j = 0; j < w; ++j) mo[j].merge(static_cast<double>(r1 - r0), mu[j], q[j]);
   }
   for (int64_t j = 0; j < w; ++j) {
@@ -444,9 +533,18 @@ MX_INSTNORM_HOT void forward_columns(const Layout& L, const T* x, const P* gamma
     b[j] = static_cast<A>(widen(beta[c]));
   }
   for (int64_t r = 0; r < L.a; ++r) {
-    const T* row = slab + r * C;
     T* orow = out + r * C;
-    for (int64_t j = 0; j < w; ++j) orow[j] = narrow<T>(((widen(row[j]) - K[j]) - mu[j]) * k[j] + b[j]);
+    with_row(slab + r * C, [&](auto row) __attribute__((always_inline)) {
+      if constexpr (chunked) {
+        if (f16c) {  // row is rbuf: overwritten in place, then narrowed
+          for (int64_t j = 0; j < w; ++j) rbuf[j] = ((rbuf[j] - K[j]) - mu[j]) * k[j] + b[j];
+          f16c_narrow(rbuf, w, orow);
+          return;
+        }
+      }
+      for (int64_t j = 0; j < w; ++j)
+        orow[j] = narrow<T>(((widen(row[j]) - K[j]) - mu[j]) * k[j] + b[j]);
+    });
   }
 }
 
@@ -537,8 +635,11 @@ MX_INSTNORM_INLINE DxCoef backward_coefficients(double m, double gamma, const St
 template <class T, class P>
 MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x, const P* gamma,
                                        double eps, T* dx, double* dgamma_part,
-                                       double* dbeta_part, int64_t first, int64_t last) {
+                                       double* dbeta_part, int64_t first, int64_t last,
+                                       bool f16c) {
   typedef typename Acc<T>::type A;
+  constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
+  alignas(64) A gbuf[chunked ? kChunk : 1], xbuf[chunked ? kChunk : 1];
   const double m = static_cast<double>(L.a * L.b);
   for (int64_t i = first; i < last; ++i) {
     const int64_t n = i / L.c, c = i % L.c;
@@ -546,26 +647,50 @@ MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x,
     const A K = widen(x[base]);
     GradSums sums;
     for (int64_t a = 0; a < L.a; ++a)
-      for (int64_t off = 0; off < L.b; off += kChunk)
-        chunk_grad_sums(dy + base + a * stride + off, x + base + a * stride + off,
-                        std::min(kChunk, L.b - off), K, &sums);
+      for (int64_t off = 0; off < L.b; off += kChunk) {
+        const T* g = dy + base + a * stride + off;
+        const T* p = x + base + a * stride + off;
+        const int64_t len = std::min(kChunk, L.b - off);
+        if (chunked && f16c) {
+          if constexpr (chunked) {
+            f16c_widen(g, len, gbuf);
+            f16c_widen(p, len, xbuf);
+          }
+          chunk_grad_sums(gbuf, xbuf, len, K, &sums);
+        } else {
+          chunk_grad_sums(g, p, len, K, &sums);
+        }
+      }
     const Stats st = backward_stats(&sums, dy, x, L, n, c, K, eps);
     const DxCoef co = backward_coefficients(m, widen(gamma[c]), st, sums);
     dgamma_part[i] = co.dgamma;
     dbeta_part[i] = co.dbeta;
     if (dx == nullptr) continue;
     const A k = static_cast<A>(co.k), b0 = static_cast<A>(co.b0), b1 = static_cast<A>(co.b1);
+    // One formula for vectors, scalars and F16C chunks alike.
+    auto out = [&](auto gv, auto xv) __attribute__((always_inline)) { return k * (gv - b1 * (xv - K) + b0); };
     for (int64_t a = 0; a < L.a; ++a) {
       const int64_t off = base + a * stride;
       const T* g = dy + off;
       const T* p = x + off;
       T* q = dx + off;
+      if constexpr (chunked) {
+        if (f16c) {
+          for (int64_t j0 = 0; j0 < L.b; j0 += kChunk) {
+            const int64_t len = std::min(kChunk, L.b - j0);
+            f16c_widen(g + j0, len, gbuf);
+            f16c_widen(p + j0, len, xbuf);
+            for (int64_t j = 0; j < len; ++j) gbuf[j] = out(gbuf[j], xbuf[j]);
+            f16c_narrow(gbuf, len, q + j0);
+          }
+          continue;
+        }
+      }
       int64_t j = 0;
       if constexpr (IsHalf<T>::value) {
-        for (; j + 16 <= L.b; j += 16)
-          store(q + j, k * (load<A>(g + j) - b1 * (load<A>(p + j) - K) + b0));
+        for (; j + 16 <= L.b; j += 16) store(q + j, out(load<A>(g + j), load<A>(p + j)));
       }
-      for (; j < L.b; ++j) q[j] = narrow<T>(k * (widen(g[j]) - b1 * (widen(p[j]) - K) + b0));
+      for (; j < L.b; ++j) q[j] = narrow<T>(out(widen(g[j]), widen(p[j])));
     }
   }
 }
@@ -573,9 +698,23 @@ MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x,
 template <class T, class P>
 MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, const P* gamma,
                                       double eps, T* dx, double* dgamma_part,
-                                      double* dbeta_part, int64_t n, int64_t c0, int64_t c1) {
+                                      double* dbeta_part, int64_t n, int64_t c0, int64_t c1,
+                                      bool f16c) {
   typedef typename Acc<T>::type A;
   const int64_t w = c1 - c0, C = L.c;
+  constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
+  alignas(64) A gbuf[chunked ? kColBlock : 1], xbuf[chunked ? kColBlock : 1];
+  // body(g, x) on one row of dy and of x, as in forward_columns.
+  auto with_rows = [&](const T* g, const T* p, auto body) __attribute__((always_inline)) {
+    if constexpr (chunked) {
+      if (f16c) {
+        f16c_widen(g, w, gbuf);
+        f16c_widen(p, w, xbuf);
+        return body(static_cast<const A*>(gbuf), static_cast<const A*>(xbuf));
+      }
+    }
+    return body(g, p);
+  };
   const int64_t base = n * L.a * C + c0;
   A K[kColBlock], s_d[kColBlock], s_dd[kColBlock], s_g[kColBlock], s_gd[kColBlock];
   A k[kColBlock], b0[kColBlock], b1[kColBlock];
@@ -584,17 +723,17 @@ MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, 
   for (int64_t r0 = 0; r0 < L.a; r0 += kRowChunk) {
     const int64_t r1 = std::min(L.a, r0 + kRowChunk);
     for (int64_t j = 0; j < w; ++j) s_d[j] = s_dd[j] = s_g[j] = s_gd[j] = 0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* g = dy + base + r * C;
-      const T* p = x + base + r * C;
-      for (int64_t j = 0; j < w; ++j) {
-        A gv = widen(g[j]), d = widen(p[j]) - K[j];
-        s_d[j] += d;
-        s_dd[j] += d * d;
-        s_g[j] += gv;
-        s_gd[j] += gv * d;
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      with_rows(dy + base + r * C, x + base + r * C,
+                [&](auto g, auto p) __attribute__((always_inline)) {
+                  for (int64_t j = 0; j < w; ++j) {
+                    A gv = widen(g[j]), d = widen(p[j]) - K[j];
+                    s_d[j] += d;
+                    s_dd[j] += d * d;
+                    s_g[j] += gv;
+                    s_gd[j] += gv * d;
+                  }
+                });
     for (int64_t j = 0; j < w; ++j) {
       sums[j].d += s_d[j];
       sums[j].dd += s_dd[j];
@@ -615,11 +754,20 @@ MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, 
   }
   if (dx == nullptr) return;
   for (int64_t r = 0; r < L.a; ++r) {
-    const T* g = dy + base + r * C;
-    const T* p = x + base + r * C;
     T* q = dx + base + r * C;
-    for (int64_t j = 0; j < w; ++j)
-      q[j] = narrow<T>(k[j] * (widen(g[j]) - b1[j] * (widen(p[j]) - K[j]) + b0[j]));
+    with_rows(dy + base + r * C, x + base + r * C,
+              [&](auto g, auto p) __attribute__((always_inline)) {
+                if constexpr (chunked) {
+                  if (f16c) {  // g is gbuf: overwritten in place, then narrowed
+                    for (int64_t j = 0; j < w; ++j)
+                      gbuf[j] = k[j] * (gbuf[j] - b1[j] * (xbuf[j] - K[j]) + b0[j]);
+                    f16c_narrow(gbuf, w, q);
+                    return;
+                  }
+                }
+                for (int64_t j = 0; j < w; ++j)
+                  q[j] = narrow<T>(k[j] * (widen(g[j]) - b1[j] * (widen(p[j]) - K[j]) + b0[j]));
+              });
   }
 }
 
@@ -717,19 +865,20 @@ void run_forward(const Layout& L, const void* xv, const void* gv, const void* bv
   }
   const size_t bytes = static_cast<size_t>(instances * m) * sizeof(T);
   advise_fresh_output(y, bytes);
+  const bool f16c = std::is_same<T, half_t>::value && use_f16c();
   if (L.b == 1 && L.a > 1) {
     const int64_t blocks = (L.c + kColBlock - 1) / kColBlock, items = L.n * blocks;
     parallel_for(items, threads_for(num_threads, items, bytes), [&](int64_t it) {
       const int64_t n = it / blocks, c0 = (it % blocks) * kColBlock;
       forward_columns<T, P>(L, x, gamma, beta, eps, y, mean, rstd, n, c0,
-                            std::min(L.c, c0 + kColBlock));
+                            std::min(L.c, c0 + kColBlock), f16c);
     });
   } else {
     const int64_t group = std::max<int64_t>(1, kGroupBytes / (m * static_cast<int64_t>(sizeof(T))));
     const int64_t items = (instances + group - 1) / group;
     parallel_for(items, threads_for(num_threads, items, bytes), [&](int64_t it) {
       forward_segments<T, P>(L, x, gamma, beta, eps, y, mean, rstd, it * group,
-                             std::min(instances, (it + 1) * group));
+                             std::min(instances, (it + 1) * group), f16c);
     });
   }
 }
@@ -749,12 +898,13 @@ void run_backward(const Layout& L, const void* dyv, const void* xv, const void* 
   if (instances > 0 && m > 0) {
     const size_t bytes = static_cast<size_t>(instances * m) * sizeof(T);
     advise_fresh_output(dx, bytes);
+    const bool f16c = std::is_same<T, half_t>::value && use_f16c();
     if (L.b == 1 && L.a > 1) {
       const int64_t blocks = (L.c + kColBlock - 1) / kColBlock, items = L.n * blocks;
       parallel_for(items, threads_for(num_threads, items, 2 * bytes), [&](int64_t it) {
         const int64_t n = it / blocks, c0 = (it % blocks) * kColBlock;
         backward_columns<T, P>(L, dy, x, gamma, eps, dx, dgamma_part.data(),
-                               dbeta_part.data(), n, c0, std::min(L.c, c0 + kColBlock));
+                               dbeta_part.data(), n, c0, std::min(L.c, c0 + kColBlock), f16c);
       });
     } else {
       const int64_t group =
@@ -763,7 +913,7 @@ void run_backward(const Layout& L, const void* dyv, const void* xv, const void* 
       parallel_for(items, threads_for(num_threads, items, 2 * bytes), [&](int64_t it) {
         backward_segments<T, P>(L, dy, x, gamma, eps, dx, dgamma_part.data(),
                                 dbeta_part.data(), it * group,
-                                std::min(instances, (it + 1) * group));
+                                std::min(instances, (it + 1) * group), f16c);
       });
     }
   }
