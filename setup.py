@@ -100,7 +100,10 @@ COMPILED_CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-pthread"]
 # Our own sources only. lib_api.cc is compiled with default visibility (its
 # C entry points are what MXNet dlsym()s) and the export list below hides
 # its C++ symbols.
-COMPILED_OWN_CXXFLAGS = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+# -ffp-contract=off: no fused multiply-adds, so results are the same bits
+# on every CPU and on both float16 paths (see kernel/instance_norm.cc).
+COMPILED_OWN_CXXFLAGS = ["-fvisibility=hidden", "-fvisibility-inlines-hidden",
+                         "-ffp-contract=off"]
 COMPILED_LDFLAGS = ["-shared", "-pthread"]
 # Exported: only the C entry points lib_api.cc defines for mx.library.load
 # (_opVersion, _opRegSize, _opCall*, _msgSize, _msgGet, ...), our

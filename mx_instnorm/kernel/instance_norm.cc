@@ -61,15 +61,13 @@
 #define MX_INSTNORM_HOT
 #endif
 #define MX_INSTNORM_INLINE inline __attribute__((always_inline))
-#if defined(__GNUC__) && !defined(__clang__)
-// No fused multiply-adds: GCC contracts a * b + c wherever the target has
-// FMA (the AVX2 and AVX-512 clones, not the generic one) and wherever the
-// loop's shape lets it, so the same data gave different bits on different
-// CPUs and on the F16C and portable float16 paths. Measured, float32
-// (16, 128, 64, 64), 2 threads, load 2 on 2 cores, interleaved in one
-// process: medians 1-7% slower than with contraction.
-#pragma GCC optimize("fp-contract=off")
-#endif
+// No fused multiply-adds (setup.py builds with -ffp-contract=off): GCC
+// contracts a * b + c wherever the target has FMA (the AVX2 and AVX-512
+// clones, not the generic one) and wherever the loop's shape lets it, so
+// the same data gave different bits on different CPUs and on the F16C and
+// portable float16 paths. Measured, float32 (16, 128, 64, 64), 2 threads,
+// load 2 on 2 cores, interleaved in one process: medians 1-7% slower than
+// with contraction.
 #if defined(__GNUC__) && !defined(__clang__)
 // The 64-byte vectors below never cross a function boundary (always
 // inlined, internal linkage): GCC's note that passing them changes the ABI
