@@ -180,7 +180,7 @@ constexpr size_t kHugePageMinBytes = 4 << 20;
 // written as plain lane arrays, GCC vectorized the loop over chunks instead
 // of the lanes, with permutes, and the backward sums ran at a third of the
 // speed. The lanes are reduced in a fixed tree, the same on every path.
-template <class A> struct Vec;
+template <class AccT> struct Vec;
 template <> struct Vec<float> {
   typedef float type __attribute__((vector_size(64)));
   static constexpr int lanes = 16;
@@ -297,17 +297,17 @@ bool use_f16c() {
 #endif
 }
 
-template <class A, class T>
-MX_INSTNORM_INLINE typename Vec<A>::type load(const T* p) {
-  typename Vec<A>::type v;
-  if constexpr (std::is_same<T, A>::value) {
+template <class AccT, class T>
+MX_INSTNORM_INLINE typename Vec<AccT>::type load(const T* p) {
+  typename Vec<AccT>::type v;
+  if constexpr (std::is_same<T, AccT>::value) {
     std::memcpy(&v, p, sizeof(v));
-  } else if constexpr (std::is_same<T, half_t>::value && std::is_same<A, float>::value) {
+  } else if constexpr (std::is_same<T, half_t>::value && std::is_same<AccT, float>::value) {
     v = load_half16(p);
-  } else if constexpr (std::is_same<T, bf16_t>::value && std::is_same<A, float>::value) {
+  } else if constexpr (std::is_same<T, bf16_t>::value && std::is_same<AccT, float>::value) {
     v = load_bf16x16(p);
   } else {
-    for (int l = 0; l < Vec<A>::lanes; ++l) v[l] = widen(p[l]);
+    for (int l = 0; l < Vec<AccT>::lanes; ++l) v[l] = widen(p[l]);
   }
   return v;
 }
@@ -335,24 +335,24 @@ struct Moments {
 };
 
 // Two-pass mean and m2 of d = p - K over one contiguous chunk.
-template <class T, class A>
-MX_INSTNORM_INLINE void chunk_moments(const T* p, int64_t len, A K, A* mean_c, A* m2_c) {
-  typedef typename Vec<A>::type V;
-  constexpr int n = Vec<A>::lanes;
+template <class T, class AccT>
+MX_INSTNORM_INLINE void chunk_moments(const T* p, int64_t len, AccT K, AccT* mean_c, AccT* m2_c) {
+  typedef typename Vec<AccT>::type V;
+  constexpr int n = Vec<AccT>::lanes;
   V s = {};
   int64_t i = 0;
-  for (; i + n <= len; i += n) s += load<A>(p + i) - K;
-  A tail = 0;
+  for (; i + n <= len; i += n) s += load<AccT>(p + i) - K;
+  AccT tail = 0;
   for (; i < len; ++i) tail += widen(p[i]) - K;
-  const A m = (lane_total(s) + tail) / static_cast<A>(len);
+  const AccT m = (lane_total(s) + tail) / static_cast<AccT>(len);
   V q = {};
   for (i = 0; i + n <= len; i += n) {
-    V e = (load<A>(p + i) - K) - m;
+    V e = (load<AccT>(p + i) - K) - m;
     q += e * e;
   }
   tail = 0;
   for (; i < len; ++i) {
-    A e = (widen(p[i]) - K) - m;
+    AccT e = (widen(p[i]) - K) - m;
     tail += e * e;
   }
   *mean_c = m;
@@ -361,7 +361,7 @@ MX_INSTNORM_INLINE void chunk_moments(const T* p, int64_t len, A K, A* mean_c, A
 
 // The statistics of one instance as the kernel keeps them.
 struct Stats {
-  double shift;  // K
+  double K;      // the shift: the instance's first element
   double mu;     // mean(x - K)
   double rstd;
 };
@@ -421,19 +421,19 @@ MX_INSTNORM_HOT void forward_segments(const Layout& L, const T* x, const P* gamm
                                       typename Acc<T>::type* mean,
                                       typename Acc<T>::type* rstd, int64_t first,
                                       int64_t last, bool f16c) {
-  typedef typename Acc<T>::type A;
+  typedef typename Acc<T>::type AccT;
   constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
-  alignas(64) A buf[chunked ? kChunk : 1];
+  alignas(64) AccT buf[chunked ? kChunk : 1];
   for (int64_t i = first; i < last; ++i) {
     const int64_t n = i / L.c, c = i % L.c;
     const T* x0 = x + (n * L.a * L.c + c) * L.b;
-    const A K = widen(x0[0]);
+    const AccT K = widen(x0[0]);
     Moments mo;
     for (int64_t a = 0; a < L.a; ++a) {
       const T* p = x0 + a * L.c * L.b;
       for (int64_t off = 0; off < L.b; off += kChunk) {
         int64_t len = std::min(kChunk, L.b - off);
-        A mc, m2c;
+        AccT mc, m2c;
         if (chunked && f16c) {
           if constexpr (chunked) f16c_widen(p + off, len, buf);
           chunk_moments(buf, len, K, &mc, &m2c);
@@ -444,11 +444,11 @@ MX_INSTNORM_HOT void forward_segments(const Layout& L, const T* x, const P* gamm
       }
     }
     Stats st = finish_stats(mo, x, L, n, c, K, eps);
-    if (mean != nullptr) mean[i] = static_cast<A>(st.shift + st.mu);
-    if (rstd != nullptr) rstd[i] = static_cast<A>(st.rstd);
-    const A mu = static_cast<A>(st.mu);
-    const A k = static_cast<A>(widen(gamma[c]) * static_cast<A>(st.rstd));
-    const A b = static_cast<A>(widen(beta[c]));
+    if (mean != nullptr) mean[i] = static_cast<AccT>(st.K + st.mu);
+    if (rstd != nullptr) rstd[i] = static_cast<AccT>(st.rstd);
+    const AccT mu = static_cast<AccT>(st.mu);
+    const AccT k = static_cast<AccT>(widen(gamma[c]) * static_cast<AccT>(st.rstd));
+    const AccT b = static_cast<AccT>(widen(beta[c]));
     // One formula for vectors, scalars and F16C chunks alike.
     auto out = [&](auto v) __attribute__((always_inline)) { return ((v - K) - mu) * k + b; };
     for (int64_t a = 0; a < L.a; ++a) {
@@ -469,7 +469,7 @@ MX_INSTNORM_HOT void forward_segments(const Layout& L, const T* x, const P* gamm
       int64_t j = 0;
       if constexpr (IsHalf<T>::value) {
         // Whole vectors (GCC left the fused widen-narrow loop scalar).
-        for (; j + 16 <= L.b; j += 16) store(q + j, out(load<A>(p + j)));
+        for (; j + 16 <= L.b; j += 16) store(q + j, out(load<AccT>(p + j)));
       }
       for (; j < L.b; ++j) q[j] = narrow<T>(out(widen(p[j])));
     }
@@ -483,24 +483,24 @@ MX_INSTNORM_HOT void forward_columns(const Layout& L, const T* x, const P* gamma
                                      typename Acc<T>::type* mean,
                                      typename Acc<T>::type* rstd, int64_t n, int64_t c0,
                                      int64_t c1, bool f16c) {
-  typedef typename Acc<T>::type A;
+  typedef typename Acc<T>::type AccT;
   const int64_t w = c1 - c0, C = L.c;
   constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
-  alignas(64) A rbuf[chunked ? kColBlock : 1];
+  alignas(64) AccT rbuf[chunked ? kColBlock : 1];
   // body(row) on the row's w elements, converted with F16C first when
   // that is the path: the same float32 arithmetic either way.
   auto with_row = [&](const T* row, auto body) __attribute__((always_inline)) {
     if constexpr (chunked) {
       if (f16c) {
         f16c_widen(row, w, rbuf);
-        return body(static_cast<const A*>(rbuf));
+        return body(static_cast<const AccT*>(rbuf));
       }
     }
     return body(row);
   };
   const T* slab = x + n * L.a * C + c0;
   T* out = y + n * L.a * C + c0;
-  A K[kColBlock], s[kColBlock], q[kColBlock], mu[kColBlock], k[kColBlock], b[kColBlock];
+  AccT K[kColBlock], s[kColBlock], q[kColBlock], mu[kColBlock], k[kColBlock], b[kColBlock];
   Moments mo[kColBlock];
   for (int64_t j = 0; j < w; ++j) K[j] = widen(slab[j]);
   for (int64_t r0 = 0; r0 < L.a; r0 += kRowChunk) {
@@ -510,12 +510,12 @@ MX_INSTNORM_HOT void forward_columns(const Layout& L, const T* x, const P* gamma
       with_row(slab + r * C, [&](auto row) __attribute__((always_inline)) {
         for (int64_t j = 0; j < w; ++j) s[j] += widen(row[j]) - K[j];
       });
-    const A len = static_cast<A>(r1 - r0);
+    const AccT len = static_cast<AccT>(r1 - r0);
     for (int64_t j = 0; j < w; ++j) mu[j] = s[j] / len;
     for (int64_t r = r0; r < r1; ++r)
       with_row(slab + r * C, [&](auto row) __attribute__((always_inline)) {
         for (int64_t j = 0; j < w; ++j) {
-          A e = (widen(row[j]) - K[j]) - mu[j];
+          AccT e = (widen(row[j]) - K[j]) - mu[j];
           q[j] += e * e;
         }
       });
@@ -524,11 +524,11 @@ MX_INSTNORM_HOT void forward_columns(const Layout& L, const T* x, const P* gamma
   for (int64_t j = 0; j < w; ++j) {
     const int64_t c = c0 + j;
     Stats st = finish_stats(mo[j], x, L, n, c, K[j], eps);
-    if (mean != nullptr) mean[n * C + c] = static_cast<A>(st.shift + st.mu);
-    if (rstd != nullptr) rstd[n * C + c] = static_cast<A>(st.rstd);
-    mu[j] = static_cast<A>(st.mu);
-    k[j] = static_cast<A>(widen(gamma[c]) * static_cast<A>(st.rstd));
-    b[j] = static_cast<A>(widen(beta[c]));
+    if (mean != nullptr) mean[n * C + c] = static_cast<AccT>(st.K + st.mu);
+    if (rstd != nullptr) rstd[n * C + c] = static_cast<AccT>(st.rstd);
+    mu[j] = static_cast<AccT>(st.mu);
+    k[j] = static_cast<AccT>(widen(gamma[c]) * static_cast<AccT>(st.rstd));
+    b[j] = static_cast<AccT>(widen(beta[c]));
   }
   for (int64_t r = 0; r < L.a; ++r) {
     T* orow = out + r * C;
@@ -554,22 +554,22 @@ struct GradSums {
   double d = 0, dd = 0, g = 0, gd = 0;
 };
 
-template <class T, class A>
-MX_INSTNORM_INLINE void chunk_grad_sums(const T* g, const T* x, int64_t len, A K, GradSums* out) {
-  typedef typename Vec<A>::type V;
-  constexpr int n = Vec<A>::lanes;
+template <class T, class AccT>
+MX_INSTNORM_INLINE void chunk_grad_sums(const T* g, const T* x, int64_t len, AccT K, GradSums* out) {
+  typedef typename Vec<AccT>::type V;
+  constexpr int n = Vec<AccT>::lanes;
   V s_d = {}, s_dd = {}, s_g = {}, s_gd = {};
   int64_t i = 0;
   for (; i + n <= len; i += n) {
-    V gv = load<A>(g + i), d = load<A>(x + i) - K;
+    V gv = load<AccT>(g + i), d = load<AccT>(x + i) - K;
     s_d += d;
     s_dd += d * d;
     s_g += gv;
     s_gd += gv * d;
   }
-  A t_d = 0, t_dd = 0, t_g = 0, t_gd = 0;
+  AccT t_d = 0, t_dd = 0, t_g = 0, t_gd = 0;
   for (; i < len; ++i) {
-    A gv = widen(g[i]), d = widen(x[i]) - K;
+    AccT gv = widen(g[i]), d = widen(x[i]) - K;
     t_d += d;
     t_dd += d * d;
     t_g += gv;
@@ -635,14 +635,14 @@ MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x,
                                        double eps, T* dx, double* dgamma_part,
                                        double* dbeta_part, int64_t first, int64_t last,
                                        bool f16c) {
-  typedef typename Acc<T>::type A;
+  typedef typename Acc<T>::type AccT;
   constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
-  alignas(64) A gbuf[chunked ? kChunk : 1], xbuf[chunked ? kChunk : 1];
+  alignas(64) AccT gbuf[chunked ? kChunk : 1], xbuf[chunked ? kChunk : 1];
   const double m = static_cast<double>(L.a * L.b);
   for (int64_t i = first; i < last; ++i) {
     const int64_t n = i / L.c, c = i % L.c;
     const int64_t base = (n * L.a * L.c + c) * L.b, stride = L.c * L.b;
-    const A K = widen(x[base]);
+    const AccT K = widen(x[base]);
     GradSums sums;
     for (int64_t a = 0; a < L.a; ++a)
       for (int64_t off = 0; off < L.b; off += kChunk) {
@@ -664,7 +664,7 @@ MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x,
     dgamma_part[i] = co.dgamma;
     dbeta_part[i] = co.dbeta;
     if (dx == nullptr) continue;
-    const A k = static_cast<A>(co.k), b0 = static_cast<A>(co.b0), b1 = static_cast<A>(co.b1);
+    const AccT k = static_cast<AccT>(co.k), b0 = static_cast<AccT>(co.b0), b1 = static_cast<AccT>(co.b1);
     // One formula for vectors, scalars and F16C chunks alike.
     auto out = [&](auto gv, auto xv) __attribute__((always_inline)) { return k * (gv - b1 * (xv - K) + b0); };
     for (int64_t a = 0; a < L.a; ++a) {
@@ -686,7 +686,7 @@ MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x,
       }
       int64_t j = 0;
       if constexpr (IsHalf<T>::value) {
-        for (; j + 16 <= L.b; j += 16) store(q + j, out(load<A>(g + j), load<A>(p + j)));
+        for (; j + 16 <= L.b; j += 16) store(q + j, out(load<AccT>(g + j), load<AccT>(p + j)));
       }
       for (; j < L.b; ++j) q[j] = narrow<T>(out(widen(g[j]), widen(p[j])));
     }
@@ -698,24 +698,24 @@ MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, 
                                       double eps, T* dx, double* dgamma_part,
                                       double* dbeta_part, int64_t n, int64_t c0, int64_t c1,
                                       bool f16c) {
-  typedef typename Acc<T>::type A;
+  typedef typename Acc<T>::type AccT;
   const int64_t w = c1 - c0, C = L.c;
   constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
-  alignas(64) A gbuf[chunked ? kColBlock : 1], xbuf[chunked ? kColBlock : 1];
+  alignas(64) AccT gbuf[chunked ? kColBlock : 1], xbuf[chunked ? kColBlock : 1];
   // body(g, x) on one row of dy and of x, as in forward_columns.
   auto with_rows = [&](const T* g, const T* p, auto body) __attribute__((always_inline)) {
     if constexpr (chunked) {
       if (f16c) {
         f16c_widen(g, w, gbuf);
         f16c_widen(p, w, xbuf);
-        return body(static_cast<const A*>(gbuf), static_cast<const A*>(xbuf));
+        return body(static_cast<const AccT*>(gbuf), static_cast<const AccT*>(xbuf));
       }
     }
     return body(g, p);
   };
   const int64_t base = n * L.a * C + c0;
-  A K[kColBlock], s_d[kColBlock], s_dd[kColBlock], s_g[kColBlock], s_gd[kColBlock];
-  A k[kColBlock], b0[kColBlock], b1[kColBlock];
+  AccT K[kColBlock], s_d[kColBlock], s_dd[kColBlock], s_g[kColBlock], s_gd[kColBlock];
+  AccT k[kColBlock], b0[kColBlock], b1[kColBlock];
   GradSums sums[kColBlock];
   for (int64_t j = 0; j < w; ++j) K[j] = widen(x[base + j]);
   for (int64_t r0 = 0; r0 < L.a; r0 += kRowChunk) {
@@ -725,7 +725,7 @@ MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, 
       with_rows(dy + base + r * C, x + base + r * C,
                 [&](auto g, auto p) __attribute__((always_inline)) {
                   for (int64_t j = 0; j < w; ++j) {
-                    A gv = widen(g[j]), d = widen(p[j]) - K[j];
+                    AccT gv = widen(g[j]), d = widen(p[j]) - K[j];
                     s_d[j] += d;
                     s_dd[j] += d * d;
                     s_g[j] += gv;
@@ -746,9 +746,9 @@ MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, 
     const DxCoef co = backward_coefficients(m, widen(gamma[c0 + j]), st, sums[j]);
     dgamma_part[i] = co.dgamma;
     dbeta_part[i] = co.dbeta;
-    k[j] = static_cast<A>(co.k);
-    b0[j] = static_cast<A>(co.b0);
-    b1[j] = static_cast<A>(co.b1);
+    k[j] = static_cast<AccT>(co.k);
+    b0[j] = static_cast<AccT>(co.b0);
+    b1[j] = static_cast<AccT>(co.b1);
   }
   if (dx == nullptr) return;
   for (int64_t r = 0; r < L.a; ++r) {
@@ -847,18 +847,18 @@ void advise_fresh_output(void* p, size_t bytes) {
 template <class T, class P>
 void run_forward(const Layout& L, const void* xv, const void* gv, const void* bv, double eps,
                  void* yv, void* meanv, void* rstdv, int num_threads) {
-  typedef typename Acc<T>::type A;
+  typedef typename Acc<T>::type AccT;
   const T* x = static_cast<const T*>(xv);
   const P* gamma = static_cast<const P*>(gv);
   const P* beta = static_cast<const P*>(bv);
   T* y = static_cast<T*>(yv);
-  A* mean = static_cast<A*>(meanv);
-  A* rstd = static_cast<A*>(rstdv);
+  AccT* mean = static_cast<AccT*>(meanv);
+  AccT* rstd = static_cast<AccT*>(rstdv);
   const int64_t instances = L.n * L.c, m = L.a * L.b;
   if (instances == 0) return;
   if (m == 0) {
-    if (mean != nullptr) std::fill(mean, mean + instances, std::numeric_limits<A>::quiet_NaN());
-    if (rstd != nullptr) std::fill(rstd, rstd + instances, std::numeric_limits<A>::quiet_NaN());
+    if (mean != nullptr) std::fill(mean, mean + instances, std::numeric_limits<AccT>::quiet_NaN());
+    if (rstd != nullptr) std::fill(rstd, rstd + instances, std::numeric_limits<AccT>::quiet_NaN());
     return;
   }
   const size_t bytes = static_cast<size_t>(instances * m) * sizeof(T);

@@ -46,8 +46,8 @@ symbol     meaning (per instance ``(n, c)``, sums over its ``M`` elements)
 ``k``      ``gamma[c] * rstd``
 ``b1``     ``rstd * c2`` (C++ ``DxCoef::b1``)
 ``b0``     ``b1 * mu - c1`` (C++ ``DxCoef::b0``)
-``acc``    the accumulation dtype (:func:`accumulation_dtype`): float32
-           for float16 data, the data's own otherwise
+``acc``    the accumulation dtype (:func:`accumulation_dtype`; ``AccT`` in the C++): float32
+           for float16 and bfloat16 data, the data's own otherwise
 ========== ================================================================
 
 Forward
