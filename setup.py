@@ -211,16 +211,44 @@ def _lib_api_source(root, build_temp):
     return patched
 
 
-def _mxnet_description(root):
-    """'mxnet 1.8.0 at ROOT' from the package's metadata, read as text."""
+def _mxnet_version(root):
+    """The version of the mxnet at ``root`` ('1.8.0.post0'), from the
+    package's metadata read as text, or None."""
     import glob
     site = os.path.dirname(root)
     for info in glob.glob(os.path.join(site, "mxnet*-*.dist-info", "METADATA")):
         with open(info, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("Version:"):
-                    return "mxnet %s at %s" % (line.split(":", 1)[1].strip(), root)
-    return "the mxnet at %s" % root
+                    return line.split(":", 1)[1].strip()
+    return None
+
+
+def _mxnet_description(root):
+    """'mxnet 1.8.0 at ROOT'."""
+    found = _mxnet_version(root)
+    return ("mxnet %s at %s" % (found, root)) if found else "the mxnet at %s" % root
+
+
+# The oldest MXNet the package supports: 1.8 passes the suite on the Python
+# CustomOp (CI checks it). 1.6 and 1.7 lack bfloat16 (amp_cast refuses it),
+# AMP's bfloat16 lists and API (list_lp16_ops, target_dtype='bfloat16'), and
+# infer no dtype past a Convolution whose data has none, which to_native and
+# the convert command rely on: refused at install, in one line, where the
+# target environment already has one (pip would otherwise keep it).
+MIN_MXNET = (1, 8)
+
+
+def _refuse_old_mxnet():
+    import re
+    root = next((os.path.join(site, "mxnet") for site in _target_site_packages()
+                 if os.path.isfile(os.path.join(site, "mxnet", "__init__.py"))), None)
+    found = _mxnet_version(root) if root else None
+    numbers = re.match(r"(\d+)\.(\d+)", found or "")
+    if numbers and tuple(map(int, numbers.groups())) < MIN_MXNET:
+        sys.exit("ERROR: mx_instnorm needs mxnet>=%d.%d,<2, this environment has mxnet "
+                 "%s: pip install \"mxnet>=1.8,<2\" first (see docs/install.md)"
+                 % (MIN_MXNET + (found,)))
 
 
 def _library_api(root):
@@ -368,6 +396,8 @@ def _compiled_extensions():
                       depends=["mx_instnorm/kernel/instance_norm.h"])]
 
 
+_refuse_old_mxnet()
+
 setup(
     name="mx_instnorm",
     version=version["__version__"],
@@ -380,7 +410,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10" if ALLOW_ANY_PYTHON else ">=3.10,<3.13",
     install_requires=[
-        "mxnet>=1.6,<2",
+        "mxnet>=1.8,<2",
         "numpy>=1.17,<1.24; python_version<'3.12'",
         "numpy>=1.26,<2; python_version=='3.12'",
         # Python 3.13 (docs/install.md's recipe, installed --no-deps): NumPy 2.
