@@ -7,6 +7,7 @@ runs backward twice with 'add' and expects twice the float64 closed-form
 gradient of conftest's ``ref_backward``; 'write' expects it once and
 'null' leaves the buffer alone.
 """
+import json
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,7 @@ import pytest
 
 import mx_instnorm
 from mx_instnorm.gluon import InstanceNorm
+from mx_instnorm.operator import _grad_reqs
 from conftest import CHAIN_TOL, random_inputs, ref_backward
 
 SHAPE, AXIS, EPS = (2, 3, 5, 4), 1, 1e-3
@@ -245,3 +247,102 @@ def test_gluon_data_without_gradient_then_with(rng):
         block(mx.nd.array(x)).backward(mx.nd.array(dy))
     got = _two_add_passes(block, block, x, dy)
     np.testing.assert_allclose(got["data"], 2 * refs["data"], **TOL)
+
+
+# ---- the leaf's recorded request decides the view (compiled backend) ----
+
+
+
+def _recorded_ops(y):
+    """The operators autograd recorded for ``y`` (variables left out)."""
+    nodes = json.loads(mx.autograd.get_symbol(y).tojson())["nodes"]
+    return [n["op"] for n in nodes if n["op"] != "null"]
+
+
+def test_leaf_requests_are_recorded_on_every_marking_path():
+    """attach_grad, autograd.mark_variables (mixed requests), mx.np arrays
+    and Gluon parameters all go through MXAutogradMarkVariables."""
+    plain = mx.nd.ones((2, 3))
+    assert _grad_reqs.leaf_grad_req(plain) is None
+    for req in ("write", "add", "null"):
+        a = mx.nd.ones((2, 3))
+        a.attach_grad(req)
+        assert _grad_reqs.leaf_grad_req(a) == req
+    arrays = [mx.nd.ones(4) for _ in range(3)]
+    mx.autograd.mark_variables(arrays, [mx.nd.zeros(4) for _ in arrays],
+                               ["add", "write", "null"])
+    assert [_grad_reqs.leaf_grad_req(a) for a in arrays] == ["add", "write", "null"]
+    with mx.autograd.record():
+        out = arrays[0] * 2
+    assert _grad_reqs.leaf_grad_req(out) is None  # recorded, not a leaf
+    with mx.util.np_shape(True), mx.util.np_array(True):
+        n = mx.np.ones((2, 3))
+        n.attach_grad("add")
+        assert _grad_reqs.leaf_grad_req(n) == "add"
+    param = mx.gluon.Parameter("w", shape=(3,), grad_req="add")
+    param.initialize()
+    assert _grad_reqs.leaf_grad_req(param.data()) == "add"
+    param.grad_req = "write"
+    assert _grad_reqs.leaf_grad_req(param.data()) == "write"
+
+
+def test_one_buffer_given_two_requests_reads_unknown():
+    a, b = mx.nd.ones(3), mx.nd.ones(3)
+    shared = mx.nd.zeros(3)
+    mx.autograd.mark_variables([a, b], [shared, shared], ["write", "add"])
+    assert _grad_reqs.leaf_grad_req(a) == _grad_reqs.UNKNOWN
+    assert _grad_reqs.leaf_grad_req(b) == _grad_reqs.UNKNOWN
+
+
+@pytest.mark.parametrize("forget", [False, True], ids=["recorded", "unrecorded"])
+@pytest.mark.parametrize("req", ["write", "add", "null"])
+def test_nd_views_only_where_a_gradient_may_be_added(mx_backend, rng, monkeypatch, req, forget):
+    """A leaf marked 'write' or 'null' feeds the compiled operator directly
+    (its gradient is written straight into the leaf's buffer: no view, no
+    second buffer); an 'add' leaf, and a leaf whose marking was not recorded
+    (marked before mx_instnorm was imported), go through a view. The
+    gradients are right either way. The data gets ``req``, gamma and beta
+    'write'."""
+    (x, g, b, dy), refs = _data(rng)
+    arrays = [mx.nd.array(v) for v in (x, g, b)]
+    for a, r in zip(arrays, (req, "write", "write")):
+        a.attach_grad(r)
+        a.grad[:] = 0.25
+    if forget:
+        monkeypatch.setattr(_grad_reqs, "_records", {})
+    for _ in range(2):
+        with mx.autograd.record():
+            y = mx_instnorm.nd.InstanceNorm(*arrays, eps=EPS)
+        ops = _recorded_ops(y)
+        y.backward(mx.nd.array(dy))
+    if mx_backend == "compiled":
+        # (After a backward pass MXNet drops a 'null' leaf's buffer.)
+        data_view = req == "add" or (forget and req == "write")
+        assert ops.count("Reshape") == (2 if forget else 0) + data_view, ops
+    if req != "null":
+        want = refs["data"] if req == "write" else 0.25 + 2 * refs["data"]
+        np.testing.assert_allclose(arrays[0].grad.asnumpy(), want, **TOL)
+    for a, name in zip(arrays[1:], ("gamma", "beta")):
+        np.testing.assert_allclose(a.grad.asnumpy(), refs[name], err_msg=name, **TOL)
+
+
+@pytest.mark.parametrize("req", ["write", "add"])
+def test_gluon_data_view_only_for_an_add_leaf(mx_backend, rng, req):
+    """The top-level hybridized block's graph: views on gamma and beta
+    always (an exported graph must stay right under any request), on the
+    data only when the data's gradient is added."""
+    (x, g, b, dy), refs = _data(rng)
+    block = _block(g, b)
+    block.hybridize()
+    data = mx.nd.array(x)
+    data.attach_grad(req)
+    for _ in range(2):
+        with mx.autograd.record():
+            y = block(data)
+        y.backward(mx.nd.array(dy))
+    if mx_backend == "compiled":
+        graph = json.loads(block._cached_graph[1].tojson())
+        ops = [n["op"] for n in graph["nodes"]]
+        assert ops.count("_copy") == (3 if req == "add" else 2), ops
+    want = 2 * refs["data"] if req == "add" else refs["data"]
+    np.testing.assert_allclose(data.grad.asnumpy(), want, **TOL)

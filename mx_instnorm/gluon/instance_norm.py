@@ -2,8 +2,8 @@
 import mxnet as mx
 from mxnet.gluon import HybridBlock
 
-from ..operator import (check_data_shape, check_dtypes, explain_errors, implementation,
-                        instance_norm, normalize_axis, parse_axis, parse_eps)
+from ..operator import (check_data_shape, check_dtypes, explain_errors, grad_may_be_added,
+                        implementation, instance_norm, normalize_axis, parse_axis, parse_eps)
 
 __all__ = ["InstanceNorm"]
 
@@ -82,7 +82,7 @@ class InstanceNorm(HybridBlock):
         self._kwargs = {'eps': epsilon, 'axis': axis, 'center': center, 'scale': scale}
         self._axis = axis
         self._epsilon = epsilon
-        self._layout = None  # (rank, empty, implementation, has grad) of the last data
+        self._layout = None  # (rank, empty, implementation, grad added) of the last data
         self.gamma = self.params.get('gamma', grad_req='write' if scale else 'null',
                                      shape=(in_channels,), init=gamma_initializer,
                                      allow_deferred_init=True)
@@ -103,9 +103,10 @@ class InstanceNorm(HybridBlock):
             # CustomOp; a graph is built as for CPU), and on the CustomOp the
             # layout guard depends on the rank and on emptiness (oneDNN's
             # in-place reshape fails on empty arrays in backward).
-            # And on the compiled backend on whether the data has a gradient
-            # buffer (see functions._compiled: grad_req='add' on the data).
-            layout = (x.ndim, 0 in x.shape, implementation(), x.grad is not None)
+            # And on the compiled backend on whether the data's gradient may
+            # be summed into its buffer (functions._compiled: a leaf marked
+            # grad_req='add' needs a view, one marked 'write' does not).
+            layout = (x.ndim, 0 in x.shape, implementation(), grad_may_be_added(x))
             if self._layout != layout:
                 self._layout = layout
                 self._clear_cached_op()
@@ -126,10 +127,10 @@ class InstanceNorm(HybridBlock):
 
     def hybrid_forward(self, F, x, gamma, beta):
         # The data's rank is unknown when a hybridized parent builds the graph.
-        rank, empty, _, leaf = (None, False, None, None) if self._layout is None \
+        rank, empty, _, added = (None, False, None, None) if self._layout is None \
             else self._layout
         return instance_norm(F, x, gamma, beta, self._epsilon, self._axis, name='fwd',
-                             rank=rank, empty=empty, data_leaf=leaf)
+                             rank=rank, empty=empty, data_added=added)
 
     def __repr__(self):
         # "mx_instnorm." tells it from nn.InstanceNorm in print(net).

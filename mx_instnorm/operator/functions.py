@@ -15,10 +15,11 @@ import mxnet as mx
 
 from . import _params, backend, compiled
 from ._errors import explain_errors
+from ._grad_reqs import UNKNOWN, leaf_grad_req
 from ._onednn import guard_input, guard_output
 from .custom_op import OP_TYPE
 
-__all__ = ["exec_addto", "instance_norm", "nd_instance_norm", "sym_instance_norm"]
+__all__ = ["exec_addto", "grad_may_be_added", "instance_norm", "nd_instance_norm", "sym_instance_norm"]
 
 _NDArray = mx.nd.NDArray
 
@@ -47,6 +48,16 @@ def _named(name, suffix):
     return {} if name is None else {"name": name + suffix}
 
 
+def grad_may_be_added(arr):
+    """Whether the gradient of NDArray ``arr`` may be summed into a buffer
+    rather than written: ``arr`` is a leaf marked ``grad_req='add'``, or one
+    whose request was not recorded (:mod:`._grad_reqs`), or in-place summing
+    is enabled. False for a leaf marked 'write' or 'null' and for an array
+    that is not a leaf."""
+    req = leaf_grad_req(arr)
+    return req is not None and (req in ("add", UNKNOWN) or exec_addto())
+
+
 def exec_addto():
     """Whether MXNet may sum gradients in place (``MXNET_EXEC_ENABLE_ADDTO``):
     then an op can be asked to add to any gradient entry."""
@@ -54,7 +65,7 @@ def exec_addto():
         "", "0", "false")
 
 
-def _compiled(F, data, gamma, beta, eps, axis, name, out, data_leaf=None):
+def _compiled(F, data, gamma, beta, eps, axis, name, out, data_added=None):
     """The fragment over the compiled operator.
 
     MXNet 1.9.1 does not pass ``req`` to a library operator, which therefore
@@ -62,32 +73,37 @@ def _compiled(F, data, gamma, beta, eps, axis, name, out, data_leaf=None):
     gradient is accumulated (a variable with ``grad_req='add'``, or any
     entry whose gradients an executor sums in place under
     ``MXNET_EXEC_ENABLE_ADDTO``), it would silently drop what was there. So
-    such an input goes through a same-shape ``identity`` node of its own,
-    whose gradient only our op writes and whose own backward honours
-    ``req``: in a graph ``gamma`` and ``beta`` always (C elements: free),
-    the data when it is a graph input (a variable, unless ``data_leaf`` is
-    False: the Gluon block knows its NDArray input has no gradient buffer)
-    or in-place summing is enabled; the data inside a network (a
-    convolution's output) needs none, and a view there would cost a copy
-    each way in a default hybridized graph. Imperatively under autograd,
-    the inputs that have a gradient buffer (leaves marked with
-    ``attach_grad``) go through a recorded view. The op needs no layout
-    guard: it runs synchronously as a native operator, after MXNet's own
-    reorders of oneDNN layouts. It has one output, named ``<name>_output``
-    as the built-in's.
+    such an input goes through a same-shape view of its own (``identity``
+    in a graph, ``reshape`` imperatively), whose gradient only our op writes
+    and whose own backward honours ``req``; every other input feeds the op
+    directly, which then writes its gradient straight into the leaf's
+    buffer, with no second buffer and no copy.
+
+    Imperatively (``F`` is ``mx.nd``, under ``autograd.record()``) the
+    request of each leaf input is known (:func:`grad_may_be_added`): only
+    'add' leaves, and leaves marked out of sight of :mod:`._grad_reqs`, get
+    a view. In a graph ``gamma`` and ``beta`` always get one (C elements:
+    free), so that an exported graph stays correct under any request; the
+    data gets one when it is a graph input and ``data_added`` is not False
+    (the Gluon block knows its NDArray input's request), or when in-place
+    summing is enabled; the data inside a network (a convolution's output)
+    needs none, and a view there would cost a copy each way in a default
+    hybridized graph. The op needs no layout guard: it runs synchronously
+    as a native operator, after MXNet's own reorders of oneDNN layouts. It
+    has one output, named ``<name>_output`` as the built-in's.
     """
     op = _compiled_function(F, backend.compiled_op())
     kwargs = {"eps": repr(float(eps)), "axis": str(int(axis))}
     if F is mx.nd:
         if mx.autograd.is_recording():
-            data, gamma, beta = (a.reshape(a.shape) if a.grad is not None else a
+            data, gamma, beta = (a.reshape(a.shape) if grad_may_be_added(a) else a
                                  for a in (data, gamma, beta))
         if out is not None:
             kwargs["out"] = out
         return op(data, gamma, beta, **kwargs)
     for param in (gamma, beta):
         _declare_rank_one(param)
-    if exec_addto() or (data.get_children() is None and data_leaf is not False):
+    if exec_addto() or (data.get_children() is None and data_added is not False):
         data = _view(F, data, name, "_data")
     gamma, beta = _view(F, gamma, name, "_gamma"), _view(F, beta, name, "_beta")
     if name is not None:
@@ -133,18 +149,18 @@ def _custom(F, data, gamma, beta, eps, axis, name, out, rank, empty):
 
 
 def instance_norm(F, data, gamma, beta, eps, axis, name=None, out=None,
-                  rank=None, empty=False, data_leaf=None):
+                  rank=None, empty=False, data_added=None):
     """The graph fragment, for ``F`` = ``mx.nd`` or ``mx.sym`` (no checks).
 
     :func:`.backend.implementation` picks the operator: for a graph
     (``F`` is ``mx.sym``) as for CPU, for NDArrays from their context.
-    ``rank``
-    and ``empty`` describe the data where known (they pick the Python
-    backend's input guard in a graph); ``data_leaf`` whether the NDArray a
-    graph input stands for has a gradient buffer (None: unknown).
+    ``rank`` and ``empty`` describe the data where known (they pick the
+    Python backend's input guard in a graph); ``data_added`` whether the
+    gradient of the NDArray a graph input stands for may be summed into its
+    buffer (:func:`grad_may_be_added`; None: unknown).
     """
     if backend.use_compiled(data.context.device_type if F is mx.nd else None):
-        return _compiled(F, data, gamma, beta, eps, axis, name, out, data_leaf)
+        return _compiled(F, data, gamma, beta, eps, axis, name, out, data_added)
     return _custom(F, data, gamma, beta, eps, axis, name, out, rank, empty)
 
 
