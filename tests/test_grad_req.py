@@ -19,7 +19,7 @@ import pytest
 import mx_instnorm
 from mx_instnorm.gluon import InstanceNorm
 from mx_instnorm.operator import _grad_reqs
-from conftest import CHAIN_TOL, random_inputs, ref_backward
+from conftest import CHAIN_TOL, random_inputs, ref_backward, tol
 
 SHAPE, AXIS, EPS = (2, 3, 5, 4), 1, 1e-3
 TOL = CHAIN_TOL
@@ -294,36 +294,101 @@ def test_one_buffer_given_two_requests_reads_unknown():
     assert _grad_reqs.leaf_grad_req(b) == _grad_reqs.UNKNOWN
 
 
+def _recorded_grads_attr(y):
+    """The per-call gradient destinations our op was given (None: none)."""
+    nodes = json.loads(mx.autograd.get_symbol(y).tojson())["nodes"]
+    ours = [n for n in nodes if n["op"] == "mx_instnorm_InstanceNorm"]
+    return ours[0].get("attrs", {}).get("__mx_instnorm_grads__")
+
+
 @pytest.mark.parametrize("forget", [False, True], ids=["recorded", "unrecorded"])
 @pytest.mark.parametrize("req", ["write", "add", "null"])
-def test_nd_views_only_where_a_gradient_may_be_added(mx_backend, rng, monkeypatch, req, forget):
-    """A leaf marked 'write' or 'null' feeds the compiled operator directly
-    (its gradient is written straight into the leaf's buffer: no view, no
-    second buffer); an 'add' leaf, and a leaf whose marking was not recorded
-    (marked before mx_instnorm was imported), go through a view. The
-    gradients are right either way. The data gets ``req``, gamma and beta
-    'write'."""
+def test_nd_leaves_feed_the_operator_directly(mx_backend, rng, monkeypatch, req, forget):
+    """On the compiled backend a leaf whose request is known feeds the
+    operator directly: 'write' gets its gradient written straight into the
+    leaf's buffer, 'add' added to it in place, 'null' none computed. A leaf
+    whose marking was not recorded (marked before mx_instnorm was imported)
+    goes through a view. The gradients are right either way. The data gets
+    ``req``, gamma and beta 'write'."""
     (x, g, b, dy), refs = _data(rng)
     arrays = [mx.nd.array(v) for v in (x, g, b)]
     for a, r in zip(arrays, (req, "write", "write")):
         a.attach_grad(r)
         a.grad[:] = 0.25
+    mx.nd.waitall()  # the buffers allocated: 'add' in place needs their memory
     if forget:
         monkeypatch.setattr(_grad_reqs, "_records", {})
     for _ in range(2):
         with mx.autograd.record():
             y = mx_instnorm.nd.InstanceNorm(*arrays, eps=EPS)
         ops = _recorded_ops(y)
+        grads = _recorded_grads_attr(y) if mx_backend == "compiled" else None
         y.backward(mx.nd.array(dy))
     if mx_backend == "compiled":
         # (After a backward pass MXNet drops a 'null' leaf's buffer.)
-        data_view = req == "add" or (forget and req == "write")
+        data_view = forget and req != "null"
         assert ops.count("Reshape") == (2 if forget else 0) + data_view, ops
+        if not forget:
+            assert grads == {"write": None, "null": "-,w,w"}.get(req, grads)
+            assert req != "add" or grads.startswith("+"), grads
     if req != "null":
         want = refs["data"] if req == "write" else 0.25 + 2 * refs["data"]
         np.testing.assert_allclose(arrays[0].grad.asnumpy(), want, **TOL)
     for a, name in zip(arrays[1:], ("gamma", "beta")):
         np.testing.assert_allclose(a.grad.asnumpy(), refs[name], err_msg=name, **TOL)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nd_add_in_place_and_shared_leaf(mx_backend, rng, dtype, axis):
+    """'add' leaves, alone and shared with another operator: alone, the op
+    adds into the leaf's buffer; shared, MXNet hands it a buffer of its own
+    to sum afterwards, which it must write, not add to (whatever that
+    buffer held). Both layouts of the kernel (channels first and last)."""
+    shape = (2, 5, 7, 3) if axis == 1 else (2, 7, 3, 5)
+    x, g, b = random_inputs(rng, shape, axis, dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    dx, dg, db = ref_backward(dy, x, g, EPS, axis)
+    for shared in (False, True):
+        arrays = [mx.nd.array(v, dtype=dtype) for v in (x, g, b)]
+        for a in arrays:
+            a.attach_grad("add")
+            a.grad[:] = 0.5
+        mx.nd.waitall()
+        for _ in range(2):
+            with mx.autograd.record():
+                y = mx_instnorm.nd.InstanceNorm(*arrays, eps=EPS, axis=axis)
+                if shared:  # d/dx of sum(dy * 3x) is 3 dy
+                    y = y + 3 * arrays[0]
+            y.backward(mx.nd.array(dy, dtype=dtype))
+        extra = 3 * dy.astype(np.float64) if shared else 0
+        for a, ref, name in zip(arrays, (dx + extra, dg, db), ("data", "gamma", "beta")):
+            np.testing.assert_allclose(a.grad.asnumpy(), 0.5 + 2 * ref,
+                                       err_msg="%s shared=%s" % (name, shared), **tol(dtype))
+
+
+def test_nd_no_gradient_for_data_without_history(mx_backend, rng):
+    """Data that is neither a leaf nor recorded gets no gradient computed
+    (nothing written, no memory touched); gamma and beta get theirs."""
+    (x, g, b, dy), refs = _data(rng)
+    data = mx.nd.array(x)
+    gamma, beta = mx.nd.array(g), mx.nd.array(b)
+    for a in (gamma, beta):
+        a.attach_grad()
+    with mx.autograd.record():
+        y = mx_instnorm.nd.InstanceNorm(data, gamma, beta, eps=EPS)
+    if mx_backend == "compiled":
+        assert _recorded_grads_attr(y) == "-,w,w"
+    y.backward(mx.nd.array(dy))
+    np.testing.assert_allclose(gamma.grad.asnumpy(), refs["gamma"], **TOL)
+    np.testing.assert_allclose(beta.grad.asnumpy(), refs["beta"], **TOL)
+    # Recorded data (a network's interior) keeps its gradient.
+    leaf = mx.nd.array(x)
+    leaf.attach_grad()
+    with mx.autograd.record():
+        y = mx_instnorm.nd.InstanceNorm(leaf * 1, gamma, beta, eps=EPS)
+    y.backward(mx.nd.array(dy))
+    np.testing.assert_allclose(leaf.grad.asnumpy(), refs["data"], **TOL)
 
 
 @pytest.mark.parametrize("req", ["write", "add"])

@@ -8,6 +8,8 @@ NumPy has no bfloat16: MXNet 1.9 stores it as ``np.dtype([('bfloat16',
 np.uint16)])``. The bfloat16 rounding reference below works on the float32
 bit patterns, independently of the code under test.
 """
+import json
+
 import numpy as np
 import pytest
 
@@ -273,3 +275,49 @@ def test_float16_f16c_and_portable_paths_agree(rng, monkeypatch, shape, axis):
     ulps = np.abs(y[finite].view(np.int16).astype(np.int32) -
                   want16[finite].view(np.int16).astype(np.int32))
     assert ulps.max() <= 1
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("shape,axis", [((2, 4, 4001), 1), ((2, 61, 300), -1)])
+def test_grad_req_add_in_place(rng, monkeypatch, dtype, shape, axis):
+    """Leaves marked grad_req='add': the compiled operator adds into the
+    leaves' own buffers (old + new in float32, rounded once to the dtype).
+    After two passes the data's gradient is its initial value plus twice
+    the float64 reference; on float16 the F16C and portable paths give the
+    same bits (chunks of 2048 and channels-last rows, with odd tails)."""
+    c = shape[axis]
+    x, xr = rounded(rng, shape, dtype, 2.0, 3.0)
+    gamma, gr = rounded(rng, (c,), "float32", 0.5, 1.0)
+    beta = mx.nd.zeros(c)
+    dy, dyr = rounded(rng, shape, dtype)
+    start, start_r = rounded(rng, shape, dtype)
+
+    def two_passes():
+        xa, ga = x.copy(), gamma.copy()
+        xa.attach_grad("add")
+        ga.attach_grad("add")
+        start.copyto(xa.grad)
+        ga.grad[:] = 0.5
+        mx.nd.waitall()
+        for _ in range(2):
+            with mx.autograd.record():
+                y = mx_instnorm.nd.InstanceNorm(xa, ga, beta, eps=EPS, axis=axis)
+            if mx_instnorm.backend() == "compiled":
+                node = [n for n in json.loads(mx.autograd.get_symbol(y).tojson())["nodes"]
+                        if n["op"] == "mx_instnorm_InstanceNorm"][0]
+                assert node["attrs"]["__mx_instnorm_grads__"].startswith("+"), node
+            y.backward(dy)
+        return xa.grad.asnumpy(), as_f64(xa.grad), ga.grad.asnumpy()
+
+    raw, got_x, got_g = two_passes()
+    dx_r, dg_r, _ = ref_backward(dyr, xr, gr, EPS, axis)
+    # Two roundings to the dtype, one per pass.
+    tol = {k: 2 * v for k, v in HALF_TOL[dtype].items()}
+    np.testing.assert_allclose(got_x, start_r + 2 * dx_r, **tol)
+    m = np.sqrt(xr.size / c)
+    np.testing.assert_allclose(got_g / m, (0.5 + 2 * dg_r) / m, **HALF_TOL[dtype])
+    if dtype == "float16" and mx_instnorm.backend() == "compiled":
+        monkeypatch.setenv("MX_INSTNORM_HALF_SCALAR", "1")
+        portable = two_passes()
+        np.testing.assert_array_equal(raw.view(np.uint16), portable[0].view(np.uint16))
+        np.testing.assert_array_equal(got_g, portable[2])

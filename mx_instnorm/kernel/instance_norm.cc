@@ -632,12 +632,13 @@ MX_INSTNORM_INLINE DxCoef backward_coefficients(double m, double gamma, const St
 
 template <class T, class P>
 MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x, const P* gamma,
-                                       double eps, T* dx, double* dgamma_part,
+                                       double eps, T* dx, bool add_dx, double* dgamma_part,
                                        double* dbeta_part, int64_t first, int64_t last,
                                        bool f16c) {
   typedef typename Acc<T>::type AccT;
   constexpr bool chunked = std::is_same<T, half_t>::value;  // when f16c
   alignas(64) AccT gbuf[chunked ? kChunk : 1], xbuf[chunked ? kChunk : 1];
+  alignas(64) AccT qbuf[chunked ? kChunk : 1];
   const double m = static_cast<double>(L.a * L.b);
   for (int64_t i = first; i < last; ++i) {
     const int64_t n = i / L.c, c = i % L.c;
@@ -667,35 +668,56 @@ MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x,
     const AccT k = static_cast<AccT>(co.k), b0 = static_cast<AccT>(co.b0), b1 = static_cast<AccT>(co.b1);
     // One formula for vectors, scalars and F16C chunks alike.
     auto out = [&](auto gv, auto xv) __attribute__((always_inline)) { return k * (gv - b1 * (xv - K) + b0); };
-    for (int64_t a = 0; a < L.a; ++a) {
-      const int64_t off = base + a * stride;
-      const T* g = dy + off;
-      const T* p = x + off;
-      T* q = dx + off;
-      if constexpr (chunked) {
-        if (f16c) {
-          for (int64_t j0 = 0; j0 < L.b; j0 += kChunk) {
-            const int64_t len = std::min(kChunk, L.b - j0);
-            f16c_widen(g + j0, len, gbuf);
-            f16c_widen(p + j0, len, xbuf);
-            for (int64_t j = 0; j < len; ++j) gbuf[j] = out(gbuf[j], xbuf[j]);
-            f16c_narrow(gbuf, len, q + j0);
+    // dx is written, or added to what dx holds (widened, summed in AccT,
+    // rounded once); `add` is a compile-time constant for the loops.
+    auto write_dx = [&](auto add) __attribute__((always_inline)) {
+      for (int64_t a = 0; a < L.a; ++a) {
+        const int64_t off = base + a * stride;
+        const T* g = dy + off;
+        const T* p = x + off;
+        T* q = dx + off;
+        if constexpr (chunked) {
+          if (f16c) {
+            for (int64_t j0 = 0; j0 < L.b; j0 += kChunk) {
+              const int64_t len = std::min(kChunk, L.b - j0);
+              f16c_widen(g + j0, len, gbuf);
+              f16c_widen(p + j0, len, xbuf);
+              if constexpr (decltype(add)::value) {
+                f16c_widen(q + j0, len, qbuf);
+                for (int64_t j = 0; j < len; ++j) gbuf[j] = qbuf[j] + out(gbuf[j], xbuf[j]);
+              } else {
+                for (int64_t j = 0; j < len; ++j) gbuf[j] = out(gbuf[j], xbuf[j]);
+              }
+              f16c_narrow(gbuf, len, q + j0);
+            }
+            continue;
           }
-          continue;
+        }
+        int64_t j = 0;
+        if constexpr (IsHalf<T>::value) {
+          for (; j + 16 <= L.b; j += 16) {
+            auto v = out(load<AccT>(g + j), load<AccT>(p + j));
+            if constexpr (decltype(add)::value) v = load<AccT>(q + j) + v;
+            store(q + j, v);
+          }
+        }
+        for (; j < L.b; ++j) {
+          AccT v = out(widen(g[j]), widen(p[j]));
+          if constexpr (decltype(add)::value) v = widen(q[j]) + v;
+          q[j] = narrow<T>(v);
         }
       }
-      int64_t j = 0;
-      if constexpr (IsHalf<T>::value) {
-        for (; j + 16 <= L.b; j += 16) store(q + j, out(load<AccT>(g + j), load<AccT>(p + j)));
-      }
-      for (; j < L.b; ++j) q[j] = narrow<T>(out(widen(g[j]), widen(p[j])));
-    }
+    };
+    if (add_dx)
+      write_dx(std::true_type{});
+    else
+      write_dx(std::false_type{});
   }
 }
 
 template <class T, class P>
 MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, const P* gamma,
-                                      double eps, T* dx, double* dgamma_part,
+                                      double eps, T* dx, bool add_dx, double* dgamma_part,
                                       double* dbeta_part, int64_t n, int64_t c0, int64_t c1,
                                       bool f16c) {
   typedef typename Acc<T>::type AccT;
@@ -751,22 +773,37 @@ MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, 
     b1[j] = static_cast<AccT>(co.b1);
   }
   if (dx == nullptr) return;
-  for (int64_t r = 0; r < L.a; ++r) {
-    T* q = dx + base + r * C;
-    with_rows(dy + base + r * C, x + base + r * C,
-              [&](auto g, auto p) __attribute__((always_inline)) {
-                if constexpr (chunked) {
-                  if (f16c) {  // g is gbuf: overwritten in place, then narrowed
-                    for (int64_t j = 0; j < w; ++j)
-                      gbuf[j] = k[j] * (gbuf[j] - b1[j] * (xbuf[j] - K[j]) + b0[j]);
-                    f16c_narrow(gbuf, w, q);
-                    return;
+  alignas(64) AccT qbuf[chunked ? kColBlock : 1];
+  // As in backward_segments: dx written, or added to.
+  auto write_dx = [&](auto add) __attribute__((always_inline)) {
+    for (int64_t r = 0; r < L.a; ++r) {
+      T* q = dx + base + r * C;
+      with_rows(dy + base + r * C, x + base + r * C,
+                [&](auto g, auto p) __attribute__((always_inline)) {
+                  if constexpr (chunked) {
+                    if (f16c) {  // g is gbuf: overwritten in place, then narrowed
+                      if constexpr (decltype(add)::value) f16c_widen(q, w, qbuf);
+                      for (int64_t j = 0; j < w; ++j) {
+                        AccT v = k[j] * (gbuf[j] - b1[j] * (xbuf[j] - K[j]) + b0[j]);
+                        if constexpr (decltype(add)::value) v = qbuf[j] + v;
+                        gbuf[j] = v;
+                      }
+                      f16c_narrow(gbuf, w, q);
+                      return;
+                    }
                   }
-                }
-                for (int64_t j = 0; j < w; ++j)
-                  q[j] = narrow<T>(k[j] * (widen(g[j]) - b1[j] * (widen(p[j]) - K[j]) + b0[j]));
-              });
-  }
+                  for (int64_t j = 0; j < w; ++j) {
+                    AccT v = k[j] * (widen(g[j]) - b1[j] * (widen(p[j]) - K[j]) + b0[j]);
+                    if constexpr (decltype(add)::value) v = widen(q[j]) + v;
+                    q[j] = narrow<T>(v);
+                  }
+                });
+    }
+  };
+  if (add_dx)
+    write_dx(std::true_type{});
+  else
+    write_dx(std::false_type{});
 }
 
 // ---------------------------------------------------------------- threads --
@@ -883,7 +920,7 @@ void run_forward(const Layout& L, const void* xv, const void* gv, const void* bv
 
 template <class T, class P>
 void run_backward(const Layout& L, const void* dyv, const void* xv, const void* gv, double eps,
-                  void* dxv, void* dgv, void* dbv, int num_threads) {
+                  void* dxv, void* dgv, void* dbv, unsigned add_to, int num_threads) {
   const T* dy = static_cast<const T*>(dyv);
   const T* x = static_cast<const T*>(xv);
   const P* gamma = static_cast<const P*>(gv);
@@ -895,13 +932,14 @@ void run_backward(const Layout& L, const void* dyv, const void* xv, const void* 
   std::vector<double> dbeta_part(static_cast<size_t>(instances), 0.0);
   if (instances > 0 && m > 0) {
     const size_t bytes = static_cast<size_t>(instances * m) * sizeof(T);
-    advise_fresh_output(dx, bytes);
+    const bool add_dx = (add_to & kAddDx) != 0;
+    if (!add_dx) advise_fresh_output(dx, bytes);
     const bool f16c = std::is_same<T, half_t>::value && use_f16c();
     if (L.b == 1 && L.a > 1) {
       const int64_t blocks = (L.c + kColBlock - 1) / kColBlock, items = L.n * blocks;
       parallel_for(items, threads_for(num_threads, items, 2 * bytes), [&](int64_t it) {
         const int64_t n = it / blocks, c0 = (it % blocks) * kColBlock;
-        backward_columns<T, P>(L, dy, x, gamma, eps, dx, dgamma_part.data(),
+        backward_columns<T, P>(L, dy, x, gamma, eps, dx, add_dx, dgamma_part.data(),
                                dbeta_part.data(), n, c0, std::min(L.c, c0 + kColBlock), f16c);
       });
     } else {
@@ -909,7 +947,7 @@ void run_backward(const Layout& L, const void* dyv, const void* xv, const void* 
           std::max<int64_t>(1, kGroupBytes / (2 * m * static_cast<int64_t>(sizeof(T))));
       const int64_t items = (instances + group - 1) / group;
       parallel_for(items, threads_for(num_threads, items, 2 * bytes), [&](int64_t it) {
-        backward_segments<T, P>(L, dy, x, gamma, eps, dx, dgamma_part.data(),
+        backward_segments<T, P>(L, dy, x, gamma, eps, dx, add_dx, dgamma_part.data(),
                                 dbeta_part.data(), it * group,
                                 std::min(instances, (it + 1) * group), f16c);
       });
@@ -922,8 +960,13 @@ void run_backward(const Layout& L, const void* dyv, const void* xv, const void* 
       g += dgamma_part[n * L.c + c];
       b += dbeta_part[n * L.c + c];
     }
-    if (dgamma != nullptr) dgamma[c] = narrow<P>(static_cast<typename Acc<P>::type>(g));
-    if (dbeta != nullptr) dbeta[c] = narrow<P>(static_cast<typename Acc<P>::type>(b));
+    typedef typename Acc<P>::type AccP;
+    if (dgamma != nullptr)
+      dgamma[c] = narrow<P>((add_to & kAddDgamma) ? widen(dgamma[c]) + static_cast<AccP>(g)
+                                                  : static_cast<AccP>(g));
+    if (dbeta != nullptr)
+      dbeta[c] = narrow<P>((add_to & kAddDbeta) ? widen(dbeta[c]) + static_cast<AccP>(b)
+                                                : static_cast<AccP>(b));
   }
 }
 
@@ -1017,12 +1060,12 @@ bool forward(const Layout& lay, DType data, DType param, const void* x, const vo
 
 bool backward(const Layout& lay, DType data, DType param, const void* dy, const void* x,
               const void* gamma, double eps, void* dx, void* dgamma, void* dbeta,
-              int num_threads, std::string* error) {
+              unsigned add_to, int num_threads, std::string* error) {
   if (bad_dtypes(data, param, error)) return false;
   with_types(data, param, [&](auto t) {
     using T = decltype(t);
     run_backward<typename T::Data, typename T::Param>(lay, dy, x, gamma, eps, dx, dgamma,
-                                                      dbeta, num_threads);
+                                                      dbeta, add_to, num_threads);
   });
   return true;
 }

@@ -42,14 +42,19 @@ bool forward(const Layout& lay, DType data, DType param, const void* x,
              const void* gamma, const void* beta, double eps, void* y, void* mean,
              void* rstd, int num_threads, std::string* error);
 
+// Which gradients backward adds to what their buffers hold (MXNet's
+// grad_req 'add') instead of overwriting: a bitwise or, 0 for none.
+enum AddTo : unsigned { kAddDx = 1, kAddDgamma = 2, kAddDbeta = 4 };
+
 // Backward from dy, x and gamma alone (y and beta are not needed): the
 // statistics are recomputed in the same pass that sums dy, at no extra
 // memory traffic. Any of dx, dgamma, dbeta may be null: that gradient is
-// not written. dgamma and dbeta have dtype `param`. Results are bitwise
-// identical for every num_threads.
+// not written. dgamma and dbeta have dtype `param`. A gradient named in
+// `add_to` is summed into its buffer (old + new in the accumulation dtype,
+// rounded once). Results are bitwise identical for every num_threads.
 bool backward(const Layout& lay, DType data, DType param, const void* dy,
               const void* x, const void* gamma, double eps, void* dx, void* dgamma,
-              void* dbeta, int num_threads, std::string* error);
+              void* dbeta, unsigned add_to, int num_threads, std::string* error);
 
 }  // namespace mx_instnorm
 

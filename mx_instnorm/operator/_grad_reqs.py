@@ -39,7 +39,9 @@ import ctypes
 import mxnet as mx
 from mxnet.base import _LIB, check_call
 
-__all__ = ["UNKNOWN", "leaf_grad_req", "recording"]
+from ._ndview import _get_data_nogil
+
+__all__ = ["UNKNOWN", "has_history", "leaf_grad_memory", "leaf_grad_req", "recording"]
 
 UNKNOWN = "unknown"
 
@@ -52,6 +54,8 @@ _MAX_RECORDS = 1 << 16
 
 # storage chunk address -> request name.
 _records = {}
+# Whether leaf_grad_memory may read a chunk's memory (checked at import).
+_memory_layout = False
 
 # MXNDArrayGetGrad never waits for the engine: the GIL is kept (PyDLL).
 _get_grad = ctypes.PyDLL(_LIB._name).MXNDArrayGetGrad
@@ -62,9 +66,27 @@ _free.argtypes = (ctypes.c_void_p,)
 _free.restype = ctypes.c_int
 
 
+_get_symbol = ctypes.PyDLL(_LIB._name).MXAutogradGetSymbol
+_get_symbol.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))
+_get_symbol.restype = ctypes.c_int
+_free_symbol = ctypes.PyDLL(_LIB._name).MXSymbolFree
+_free_symbol.argtypes = (ctypes.c_void_p,)
+_free_symbol.restype = ctypes.c_int
+
+
 def _chunk(handle):
     """The storage chunk of the NDArray at ``handle`` (an address)."""
     return ctypes.c_void_p.from_address(handle).value
+
+
+def _chunk_memory(chunk):
+    """(first address, end) of a chunk's memory, or None while the engine
+    has not allocated it. ``Chunk`` starts with its ``Storage::Handle``,
+    which starts with ``dptr`` and ``size``: two words the engine thread
+    writes once, each whole, so that a read racing the allocation sees
+    either nothing yet (None) or the final values."""
+    words = (ctypes.c_size_t * 2).from_address(chunk)
+    return (words[0], words[0] + words[1]) if words[0] and words[1] else None
 
 
 def leaf_grad_req(arr):
@@ -87,6 +109,33 @@ def leaf_grad_req(arr):
         check_call(_free(grad))
 
 
+def leaf_grad_memory(arr):
+    """(first address, end) of the memory of ``arr``'s gradient buffer; None
+    when ``arr`` has none, when it is not allocated yet, or when the chunk
+    layout did not check out at import."""
+    if not _memory_layout:
+        return None
+    grad = ctypes.c_void_p()
+    check_call(_get_grad(arr.handle, ctypes.byref(grad)))
+    if not grad.value:
+        return None
+    try:
+        return _chunk_memory(_chunk(grad.value))
+    finally:
+        check_call(_free(grad))
+
+
+def has_history(arr):
+    """Whether autograd recorded ``arr`` (a leaf, or the output of a
+    recorded operator): only then can a gradient reach it. The C API has no
+    direct question; getting its recorded graph fails otherwise."""
+    sym = ctypes.c_void_p()
+    if _get_symbol(arr.handle, ctypes.byref(sym)) != 0:
+        return False
+    check_call(_free_symbol(sym))
+    return True
+
+
 def _record(num_var, grad_handles, reqs):
     marked = {}
     for i in range(int(getattr(num_var, "value", num_var))):
@@ -107,14 +156,28 @@ def _layout_holds():
             != _chunk(other.handle.value))
 
 
+def _memory_layout_holds():
+    """Whether a chunk's first two words are its memory's address and size,
+    as MXNet's C API reports them for an array made and finished."""
+    a = mx.nd.arange(6)
+    a.wait_to_read()
+    part = a[2:4]
+    address = ctypes.c_void_p()
+    check_call(_get_data_nogil(part.handle, ctypes.byref(address)))
+    memory = _chunk_memory(_chunk(a.handle.value))
+    return memory is not None and memory[0] + 8 == address.value and memory[1] >= memory[0] + 24
+
+
 def recording():
     """Whether requests are being recorded (the wrapper is installed)."""
     return getattr(_LIB.MXAutogradMarkVariables, "_mx_instnorm_records", False)
 
 
 def _install():
+    global _memory_layout  # pylint: disable=global-statement
     if recording() or not _layout_holds():
         return
+    _memory_layout = _memory_layout_holds()
     mark = _LIB.MXAutogradMarkVariables
 
     def mark_and_record(num_var, var_handles, reqs, grad_handles):

@@ -15,7 +15,7 @@ import mxnet as mx
 
 from . import _params, backend, compiled
 from ._errors import explain_errors
-from ._grad_reqs import UNKNOWN, leaf_grad_req
+from ._grad_reqs import UNKNOWN, has_history, leaf_grad_memory, leaf_grad_req
 from ._onednn import guard_input, guard_output
 from .custom_op import OP_TYPE
 
@@ -58,6 +58,46 @@ def grad_may_be_added(arr):
     return req is not None and (req in ("add", UNKNOWN) or exec_addto())
 
 
+# The operator's internal attribute that says, per call, where backward
+# puts each gradient (lib_instance_norm.cc, GradDest).
+GRADS_KEY = "__mx_instnorm_grads__"
+
+
+def _gradient_destinations(arrays):
+    """The arrays to feed the compiled operator while autograd records, and
+    the value of its ``GRADS_KEY`` attribute (None: write every gradient).
+
+    Per input: a leaf marked 'write' takes the gradient directly; 'null',
+    and data with no gradient buffer and no history, get none computed
+    ('-': no write, no memory touched); an 'add' leaf gets it added in place
+    when MXNet hands over the leaf's own buffer ('+lo:hi', its memory), or
+    written when MXNet hands over a buffer of its own to sum later (the
+    leaf has other consumers). A leaf whose request is not known, or not
+    honoured in place (MXNET_EXEC_ENABLE_ADDTO, a buffer not allocated yet),
+    goes through a view, as in a graph. gamma and beta with no gradient
+    buffer are written: C elements, not worth asking autograd about.
+    """
+    addto = exec_addto()
+    fed, dests = [], []
+    for i, arr in enumerate(arrays):
+        req = leaf_grad_req(arr)
+        dest = None
+        if req is None:
+            dest = "-" if i == 0 and not has_history(arr) else "w"
+        elif req == "null":
+            dest = "-"
+        elif req == "write" and not addto:
+            dest = "w"
+        elif req == "add" and not addto:
+            memory = leaf_grad_memory(arr)
+            dest = None if memory is None else "+%d:%d" % memory
+        if dest is None:
+            arr, dest = arr.reshape(arr.shape), "w"
+        fed.append(arr)
+        dests.append(dest)
+    return fed, (None if dests == ["w", "w", "w"] else ",".join(dests))
+
+
 def exec_addto():
     """Whether MXNet may sum gradients in place (``MXNET_EXEC_ENABLE_ADDTO``):
     then an op can be asked to add to any gradient entry."""
@@ -96,8 +136,9 @@ def _compiled(F, data, gamma, beta, eps, axis, name, out, data_added=None):
     kwargs = {"eps": repr(float(eps)), "axis": str(int(axis))}
     if F is mx.nd:
         if mx.autograd.is_recording():
-            data, gamma, beta = (a.reshape(a.shape) if grad_may_be_added(a) else a
-                                 for a in (data, gamma, beta))
+            (data, gamma, beta), grads = _gradient_destinations((data, gamma, beta))
+            if grads is not None:
+                kwargs[GRADS_KEY] = grads
         if out is not None:
             kwargs["out"] = out
         return op(data, gamma, beta, **kwargs)

@@ -33,6 +33,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <mutex>
 #include <sstream>
@@ -130,6 +131,10 @@ std::string dtype_name(int code) {
   return d != nullptr ? d->name : "dtype code " + std::to_string(code);
 }
 
+size_t element_bytes(mx_instnorm::DType t) {
+  return t == mx_instnorm::kFloat64 ? 8 : t == mx_instnorm::kFloat32 ? 4 : 2;
+}
+
 // The kernel's dtype for an MXNet dtype code, or false for a dtype the
 // kernel does not compute (known to MXNet or not).
 bool kernel_dtype(int code, mx_instnorm::DType* out) {
@@ -184,12 +189,60 @@ bool kernel_dtypes(int data, int gamma, int beta, mx_instnorm::DType* kdata,
 
 // --------------------------------------------------------- attributes --
 
+// Where backward puts one gradient. Set per call by the internal attribute
+// kGradsKey, which only mx_instnorm.nd sets, while autograd records
+// (operator/functions.py, _gradient_destinations), because MXNet 1.9.1
+// passes a library operator no req: write (the default), skip (nobody
+// asked for it: the data had no gradient buffer and no history, or a leaf
+// marked 'null'), or add when the buffer MXNet hands over lies inside
+// [lo, hi), the memory of the leaf's own gradient, marked 'add' (else,
+// when several ops share the leaf, MXNet hands over a fresh buffer to sum
+// later, to be written).
+struct GradDest {
+  enum Kind { kWrite, kSkip, kAddIfIn } kind = kWrite;
+  uintptr_t lo = 0, hi = 0;
+};
+
+constexpr const char* kGradsKey = "__mx_instnorm_grads__";
+
 // The operator's attributes, parsed from MXNet's strings by parse_params,
 // the only code that reads them.
 struct Params {
   double eps = 1e-3;
   int axis = 1;
+  GradDest grads[3];  // data, gamma, beta
 };
+
+// kGradsKey's value: three comma-separated entries, "w", "-" or
+// "+<lo>:<hi>" (decimal addresses).
+bool parse_grads(const std::string& text, GradDest* grads) {
+  std::istringstream in(text);
+  std::string item;
+  int i = 0;
+  for (; i < 3 && std::getline(in, item, ','); ++i) {
+    GradDest& d = grads[i];
+    unsigned long long lo = 0, hi = 0;
+    char colon = 0, rest = 0;
+    if (item == "w") {
+      d.kind = GradDest::kWrite;
+    } else if (item == "-") {
+      d.kind = GradDest::kSkip;
+    } else if (item.size() > 1 && item[0] == '+' &&
+               std::sscanf(item.c_str() + 1, "%llu%c%llu%c", &lo, &colon, &hi, &rest) == 3 &&
+               colon == ':' && lo < hi) {
+      d.kind = GradDest::kAddIfIn;
+      d.lo = static_cast<uintptr_t>(lo);
+      d.hi = static_cast<uintptr_t>(hi);
+    } else {
+      break;
+    }
+  }
+  if (i != 3 || in.peek() != std::char_traits<char>::eof()) {
+    Failure() << kOp << ": " << kGradsKey << " is mx_instnorm's own; got '" << text << "'";
+    return false;
+  }
+  return true;
+}
 
 bool parse_params(const Attrs& attrs, Params* p) {
   for (const auto& kv : attrs) {
@@ -213,6 +266,8 @@ bool parse_params(const Attrs& attrs, Params* p) {
         return false;
       }
       p->axis = static_cast<int>(value);
+    } else if (key == kGradsKey) {
+      if (!parse_grads(kv.second, p->grads)) return false;
     } else if (!(key.size() >= 4 && key.compare(0, 2, "__") == 0 &&
                  key.compare(key.size() - 2, 2, "__") == 0)) {
       // MXNet adds attributes of its own (__ctx_group__, __lr_mult__...),
@@ -444,10 +499,24 @@ MXReturnValue backward(const Attrs& attrs, std::vector<MXTensor>* inputs,
       return MX_FAIL;
     }
   }
+  unsigned add_to = 0;
+  const unsigned add_bits[3] = {mx_instnorm::kAddDx, mx_instnorm::kAddDgamma,
+                                mx_instnorm::kAddDbeta};
+  for (int i = 0; i < 3; ++i) {
+    const GradDest& d = call.params.grads[i];
+    const MXTensor& g = (*outputs)[i];
+    const uintptr_t p = reinterpret_cast<uintptr_t>(targets[i]);
+    if (d.kind == GradDest::kSkip)
+      targets[i] = nullptr;
+    else if (d.kind == GradDest::kAddIfIn && p != 0 && p >= d.lo &&
+             p + static_cast<uintptr_t>(g.size()) * element_bytes(i == 0 ? call.data : call.param) <=
+                 d.hi)
+      add_to |= add_bits[i];
+  }
   std::string error;
   if (!mx_instnorm::backward(call.lay, call.data, call.param, dy.data_ptr, x.data_ptr,
                              gamma.data_ptr, call.params.eps, targets[0], targets[1],
-                             targets[2], call.threads, &error)) {
+                             targets[2], add_to, call.threads, &error)) {
     Failure() << kOp << ": " << error;
     return MX_FAIL;
   }
