@@ -15,7 +15,7 @@ from mxnet.gluon import nn
 import mx_instnorm
 from mx_instnorm.gluon import InstanceNorm
 
-from conftest import assert_close, ref_backward, ref_forward
+from conftest import CHAIN_TOL, assert_close, random_inputs, ref_backward, ref_forward
 
 SHAPE = (2, 3, 5, 7)
 EPS1, EPS2 = 1e-4, 0.1
@@ -131,3 +131,42 @@ def test_export_reimport_in_process_gradients(path, rng, tmp_path):
     assert_close(grads["beta0"], db1, np.float64)
     assert_close(grads["gamma1"], dg2, np.float64)
     assert_close(grads["beta1"], db2, np.float64)
+
+
+def test_standalone_block_exports_a_graph_right_under_add(mx_backend, rng, tmp_path):
+    """A hybridized block used alone, with deferred parameter shapes, first
+    run under autograd on a 'write' leaf (on the compiled backend that call
+    runs imperatively), exports a graph that stays right when the imported
+    SymbolBlock is trained with grad_req='add' on its parameters and input:
+    two passes give twice the float64 reference gradients."""
+    shape = (2, 3, 5, 4)
+    x, g, b = random_inputs(rng, shape, 1, np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    block = InstanceNorm(epsilon=EPS1, scale=True)
+    block.initialize()
+    block.hybridize()
+    data = mx.nd.array(x)
+    data.attach_grad()
+    with mx.autograd.record():
+        block(data)
+    block.gamma.set_data(mx.nd.array(g))
+    block.beta.set_data(mx.nd.array(b))
+    prefix = str(tmp_path / "alone")
+    block.export(prefix)
+    loaded = mx.gluon.SymbolBlock.imports(prefix + "-symbol.json", ["data"],
+                                          prefix + "-0000.params")
+    loaded.hybridize()
+    loaded.collect_params().setattr("grad_req", "add")
+    loaded.collect_params().zero_grad()
+    data = mx.nd.array(x)
+    data.attach_grad("add")
+    for _ in range(2):
+        with mx.autograd.record():
+            y = loaded(data)
+        y.backward(mx.nd.array(dy))
+    assert_close(y.asnumpy(), ref_forward(x, g, b, EPS1, 1)[0], np.float32)
+    dx, dg, db = ref_backward(dy, x, g, EPS1, 1)
+    params = {p.name.rpartition("_")[2]: p for p in loaded.collect_params().values()}
+    for got, ref, name in ((data.grad, dx, "data"), (params["gamma"].grad(), dg, "gamma"),
+                           (params["beta"].grad(), db, "beta")):
+        np.testing.assert_allclose(got.asnumpy(), 2 * ref, err_msg=name, **CHAIN_TOL)

@@ -1,9 +1,10 @@
 """``InstanceNorm`` as a Gluon HybridBlock over mx_instnorm's operator."""
 import mxnet as mx
 from mxnet.gluon import HybridBlock
+from mxnet.gluon.parameter import DeferredInitializationError
 
-from ..operator import (check_data_shape, check_dtypes, explain_errors, grad_may_be_added,
-                        implementation, instance_norm, normalize_axis, parse_axis, parse_eps)
+from ..operator import (check_data_shape, check_dtypes, explain_errors, implementation,
+                        instance_norm, normalize_axis, parse_axis, parse_eps)
 
 __all__ = ["InstanceNorm"]
 
@@ -82,7 +83,8 @@ class InstanceNorm(HybridBlock):
         self._kwargs = {'eps': epsilon, 'axis': axis, 'center': center, 'scale': scale}
         self._axis = axis
         self._epsilon = epsilon
-        self._layout = None  # (rank, empty, implementation, grad added) of the last data
+        self._layout = None  # (rank, empty, implementation) of the last data
+        self._checked_dtypes = None  # (data, gamma, beta) dtypes last found good
         self.gamma = self.params.get('gamma', grad_req='write' if scale else 'null',
                                      shape=(in_channels,), init=gamma_initializer,
                                      allow_deferred_init=True)
@@ -97,40 +99,73 @@ class InstanceNorm(HybridBlock):
             # A hybridized parent builds its graph: nothing is known of the
             # data (an earlier imperative call's layout would be stale).
             self._layout = None
-        else:
-            channels = check_data_shape(x.shape, self._axis)
-            # The graph depends on the implementation (compiled or the
-            # CustomOp; a graph is built as for CPU), and on the CustomOp the
-            # layout guard depends on the rank and on emptiness (oneDNN's
-            # in-place reshape fails on empty arrays in backward).
-            # And on the compiled backend on whether the data's gradient may
-            # be summed into its buffer (functions._compiled: a leaf marked
-            # grad_req='add' needs a view, one marked 'write' does not).
-            layout = (x.ndim, 0 in x.shape, implementation(), grad_may_be_added(x))
-            if self._layout != layout:
-                self._layout = layout
-                self._clear_cached_op()
-            # Unknown channels read 0 under MXNet's legacy shape rules and -1
-            # under mx.util.np_shape(True).
-            known = self.gamma.shape[0] if self.gamma.shape else 0
-            if known > 0 and known != channels:
-                raise ValueError(
-                    "%s was built for %d channels but data of shape %s has %d "
-                    "on axis %d" % (self.name, known, x.shape, channels, self._axis))
+            return super().forward(x, *args)
+        shape = x.shape
+        channels = check_data_shape(shape, self._axis)
+        # The graph depends on the implementation (compiled or the CustomOp;
+        # a graph is built as for CPU), and on the CustomOp the layout guard
+        # depends on the rank and on emptiness (oneDNN's in-place reshape
+        # fails on empty arrays in backward).
+        layout = (len(shape), 0 in shape, implementation())
+        if self._layout != layout:
+            self._layout = layout
+            self._clear_cached_op()
+        # Unknown channels read 0 under MXNet's legacy shape rules and -1
+        # under mx.util.np_shape(True).
+        known = self.gamma.shape[0] if self.gamma.shape else 0
+        if known > 0 and known != channels:
+            raise ValueError(
+                "%s was built for %d channels but data of shape %s has %d "
+                "on axis %d" % (self.name, known, shape, channels, self._axis))
+        dtypes = (x.dtype, self.gamma.dtype, self.beta.dtype)
+        if dtypes != self._checked_dtypes:
             try:
-                check_dtypes(x.dtype, self.gamma.dtype, self.beta.dtype)
+                check_dtypes(*dtypes)
             except TypeError as err:
                 raise TypeError("%s: %s; cast the block (block.cast(dtype)) or the "
                                 "data" % (self.name, err)) from None
+            self._checked_dtypes = dtypes
+        if layout[2] == "compiled":
+            if self._active:
+                return self._call_compiled(x)
+            # The library's messages need no explaining (explain_errors is
+            # for the CustomOp's).
+            return super().forward(x, *args)
         with explain_errors():
             return super().forward(x, *args)
 
+    def _call_compiled(self, x):
+        """The hybridized block called on an NDArray, compiled backend.
+
+        Its graph would be one operator, so a CachedOp would add nothing but
+        its own costs: the views that keep ``grad_req='add'`` right in a
+        graph, which must stay right under whatever requests it is later
+        bound with, and a dispatch per node. So the call runs imperatively,
+        where each input's request is known (see
+        ``operator.functions._compiled``): same results and gradients, the
+        memory and engine operations of one operator. The graph is still
+        built, once per layout, for ``export()`` and the graph tools, with
+        every view in it.
+        """
+        if self._cached_op is None:
+            # The graph and the parameter list export() reads; the CachedOp
+            # made with them is never run.
+            self._build_cache(x)
+        ctx = x.context
+        try:
+            params = {k: v.data(ctx) for k, v in self._reg_params.items()}
+        except DeferredInitializationError:
+            self._deferred_infer_shape(x)
+            for v in self.params.values():
+                v._finish_deferred_init()  # pylint: disable=protected-access
+            params = {k: v.data(ctx) for k, v in self._reg_params.items()}
+        return self.hybrid_forward(mx.nd, x, **params)
+
     def hybrid_forward(self, F, x, gamma, beta):
         # The data's rank is unknown when a hybridized parent builds the graph.
-        rank, empty, _, added = (None, False, None, None) if self._layout is None \
-            else self._layout
+        rank, empty, _ = (None, False, None) if self._layout is None else self._layout
         return instance_norm(F, x, gamma, beta, self._epsilon, self._axis, name='fwd',
-                             rank=rank, empty=empty, data_added=added)
+                             rank=rank, empty=empty)
 
     def __repr__(self):
         # "mx_instnorm." tells it from nn.InstanceNorm in print(net).

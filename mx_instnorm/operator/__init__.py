@@ -15,11 +15,10 @@ from ._params import (SUPPORTED_DATA_DTYPES, check_data_shape, check_dtypes,
                       check_param_shape, normalize_axis, parse_axis, parse_eps)
 from .backend import implementation
 from .custom_op import OP_TYPE, InstanceNormOp, InstanceNormProp, register
-from .functions import (exec_addto, grad_may_be_added, instance_norm, nd_instance_norm,
-                        sym_instance_norm)
+from .functions import exec_addto, instance_norm, nd_instance_norm, sym_instance_norm
 
 __all__ = ["OP_TYPE", "explain_errors", "InstanceNormOp", "InstanceNormProp", "register",
            "implementation",
-           "exec_addto", "grad_may_be_added", "instance_norm", "nd_instance_norm", "sym_instance_norm",
+           "exec_addto", "instance_norm", "nd_instance_norm", "sym_instance_norm",
            "SUPPORTED_DATA_DTYPES", "check_data_shape", "check_dtypes", "check_param_shape",
            "normalize_axis", "parse_axis", "parse_eps"]

@@ -54,11 +54,19 @@ _PATH_ENV = "MX_INSTNORM_PATH"
 _CPU = ("cpu", "cpu_pinned", "cpu_shared")
 
 
+# (variable, its raw value) -> the choice it spells: read on every call (a
+# test or a server may change it at run time), parsed once per value.
+_choices = {}
+
+
 def _choice(env, allowed):
-    value = os.environ.get(env, "auto").strip().lower() or "auto"
-    if value not in allowed:
-        raise ValueError("%s must be one of %s, got %r"
-                         % (env, ", ".join(allowed), os.environ.get(env)))
+    raw = os.environ.get(env)
+    value = _choices.get((env, raw))
+    if value is None:
+        value = (raw or "auto").strip().lower() or "auto"
+        if value not in allowed:
+            raise ValueError("%s must be one of %s, got %r" % (env, ", ".join(allowed), raw))
+        _choices[(env, raw)] = value
     return value
 
 

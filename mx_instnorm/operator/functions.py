@@ -9,17 +9,19 @@ Gluon block, :func:`mx_instnorm.patch_mxnet`) runs: the compiled operator
 fed through views that keep ``grad_req='add'`` correct, or the Python
 CustomOp with the layout guards of :mod:`._onednn` (see docs/onednn.md).
 """
+import ctypes
 import os
 
 import mxnet as mx
+from mxnet.base import _LIB, check_call
 
 from . import _params, backend, compiled
 from ._errors import explain_errors
-from ._grad_reqs import UNKNOWN, has_history, leaf_grad_memory, leaf_grad_req
+from ._grad_reqs import has_history, leaf_grad_memory, leaf_grad_req
 from ._onednn import guard_input, guard_output
 from .custom_op import OP_TYPE
 
-__all__ = ["exec_addto", "grad_may_be_added", "instance_norm", "nd_instance_norm", "sym_instance_norm"]
+__all__ = ["exec_addto", "instance_norm", "nd_instance_norm", "sym_instance_norm"]
 
 _NDArray = mx.nd.NDArray
 
@@ -46,16 +48,6 @@ def _view(F, arr, name, suffix):
 
 def _named(name, suffix):
     return {} if name is None else {"name": name + suffix}
-
-
-def grad_may_be_added(arr):
-    """Whether the gradient of NDArray ``arr`` may be summed into a buffer
-    rather than written: ``arr`` is a leaf marked ``grad_req='add'``, or one
-    whose request was not recorded (:mod:`._grad_reqs`), or in-place summing
-    is enabled. False for a leaf marked 'write' or 'null' and for an array
-    that is not a leaf."""
-    req = leaf_grad_req(arr)
-    return req is not None and (req in ("add", UNKNOWN) or exec_addto())
 
 
 # The operator's internal attribute that says, per call, where backward
@@ -105,35 +97,32 @@ def exec_addto():
         "", "0", "false")
 
 
-def _compiled(F, data, gamma, beta, eps, axis, name, out, data_added=None):
+def _compiled(F, data, gamma, beta, eps, axis, name, out):
     """The fragment over the compiled operator.
 
     MXNet 1.9.1 does not pass ``req`` to a library operator, which therefore
     always overwrites its gradient outputs: fed directly by an array whose
     gradient is accumulated (a variable with ``grad_req='add'``, or any
     entry whose gradients an executor sums in place under
-    ``MXNET_EXEC_ENABLE_ADDTO``), it would silently drop what was there. So
-    such an input goes through a same-shape view of its own (``identity``
-    in a graph, ``reshape`` imperatively), whose gradient only our op writes
-    and whose own backward honours ``req``; every other input feeds the op
-    directly, which then writes its gradient straight into the leaf's
-    buffer, with no second buffer and no copy.
+    ``MXNET_EXEC_ENABLE_ADDTO``), it would silently drop what was there.
 
-    Imperatively (``F`` is ``mx.nd``, under ``autograd.record()``) the
-    request of each leaf input is known (:func:`grad_may_be_added`): only
-    'add' leaves, and leaves marked out of sight of :mod:`._grad_reqs`, get
-    a view. In a graph ``gamma`` and ``beta`` always get one (C elements:
-    free), so that an exported graph stays correct under any request; the
-    data gets one when it is a graph input and ``data_added`` is not False
-    (the Gluon block knows its NDArray input's request), or when in-place
-    summing is enabled; the data inside a network (a convolution's output)
-    needs none, and a view there would cost a copy each way in a default
-    hybridized graph. The op needs no layout guard: it runs synchronously
-    as a native operator, after MXNet's own reorders of oneDNN layouts. It
-    has one output, named ``<name>_output`` as the built-in's.
+    Imperatively (``F`` is ``mx.nd``, under ``autograd.record()``) each
+    input's request is known: the op is told per call where each gradient
+    goes (:func:`_gradient_destinations`) and no input needs a view, unless
+    its marking was not recorded. A graph must stay right under whatever
+    requests it is bound with, so there such an input goes through an
+    ``identity`` view of its own, whose gradient only our op writes and
+    whose own backward honours ``req``: ``gamma`` and ``beta`` always (C
+    elements), the data when it is a graph input (a variable) or when
+    in-place summing is enabled; the data inside a network (a convolution's
+    output) needs none, and a view there would cost a copy each way in a
+    default hybridized graph. The op needs no layout guard: it runs
+    synchronously as a native operator, after MXNet's own reorders of
+    oneDNN layouts. It has one output, named ``<name>_output`` as the
+    built-in's.
     """
     op = _compiled_function(F, backend.compiled_op())
-    kwargs = {"eps": repr(float(eps)), "axis": str(int(axis))}
+    kwargs = dict(_op_kwargs(eps, axis))
     if F is mx.nd:
         if mx.autograd.is_recording():
             (data, gamma, beta), grads = _gradient_destinations((data, gamma, beta))
@@ -144,12 +133,62 @@ def _compiled(F, data, gamma, beta, eps, axis, name, out, data_added=None):
         return op(data, gamma, beta, **kwargs)
     for param in (gamma, beta):
         _declare_rank_one(param)
-    if exec_addto() or (data.get_children() is None and data_added is not False):
+    if exec_addto() or data.get_children() is None:
         data = _view(F, data, name, "_data")
     gamma, beta = _view(F, gamma, name, "_gamma"), _view(F, beta, name, "_beta")
     if name is not None:
         kwargs["name"] = name
     return op(data, gamma, beta, **kwargs)
+
+
+# Small calls notice every microsecond of Python around the op: eps and
+# axis are parsed, and the op's string arguments made, once per value.
+_parsed = {}
+_kwargs = {}
+_CACHE_SIZE = 256
+
+
+def _remember(cache, key, value):
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _parse(eps, axis):
+    """(eps, axis) parsed as :mod:`._params` does; raises as it does."""
+    key = (type(eps), eps, type(axis), axis)
+    try:
+        return _parsed[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable value
+        parsed = _params.parse_eps(eps), _params.parse_axis(axis)
+    try:
+        return _remember(_parsed, key, parsed)
+    except TypeError:
+        return parsed
+
+
+def _op_kwargs(eps, axis):
+    """The compiled operator's arguments for a parsed eps and axis."""
+    try:
+        return _kwargs[(eps, axis)]
+    except KeyError:
+        return _remember(_kwargs, (eps, axis), {"eps": repr(float(eps)), "axis": str(int(axis))})
+
+
+# MXNDArrayGetContext never waits: the GIL is kept (PyDLL).
+_get_context = ctypes.PyDLL(_LIB._name).MXNDArrayGetContext
+_get_context.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
+                         ctypes.POINTER(ctypes.c_int))
+_get_context.restype = ctypes.c_int
+
+
+def _on_plain_cpu(arr):
+    """Whether ``arr`` lives on the plain CPU context (``arr.context`` makes
+    a Context object: a tenth of a tiny call)."""
+    dev_type, dev_id = ctypes.c_int(), ctypes.c_int()
+    check_call(_get_context(arr.handle, ctypes.byref(dev_type), ctypes.byref(dev_id)))
+    return dev_type.value == 1  # Context.devstr2type['cpu']
 
 
 def _declare_rank_one(param):
@@ -190,18 +229,16 @@ def _custom(F, data, gamma, beta, eps, axis, name, out, rank, empty):
 
 
 def instance_norm(F, data, gamma, beta, eps, axis, name=None, out=None,
-                  rank=None, empty=False, data_added=None):
+                  rank=None, empty=False):
     """The graph fragment, for ``F`` = ``mx.nd`` or ``mx.sym`` (no checks).
 
     :func:`.backend.implementation` picks the operator: for a graph
     (``F`` is ``mx.sym``) as for CPU, for NDArrays from their context.
     ``rank`` and ``empty`` describe the data where known (they pick the
-    Python backend's input guard in a graph); ``data_added`` whether the
-    gradient of the NDArray a graph input stands for may be summed into its
-    buffer (:func:`grad_may_be_added`; None: unknown).
+    Python backend's input guard in a graph).
     """
     if backend.use_compiled(data.context.device_type if F is mx.nd else None):
-        return _compiled(F, data, gamma, beta, eps, axis, name, out, data_added)
+        return _compiled(F, data, gamma, beta, eps, axis, name, out)
     return _custom(F, data, gamma, beta, eps, axis, name, out, rank, empty)
 
 
@@ -254,10 +291,9 @@ def nd_instance_norm(data, gamma, beta, eps=1e-3, axis=1, out=None, name=None):
     <BLANKLINE>
      [[-0.99753  1.99753]]]
     """
-    eps = _params.parse_eps(eps)
-    axis = _params.parse_axis(axis)
+    eps, axis = _parse(eps, axis)
     if (out is None and type(data) is _NDArray and type(gamma) is _NDArray
-            and type(beta) is _NDArray and backend.use_compiled(data.context.device_type)):
+            and type(beta) is _NDArray and _on_plain_cpu(data) and backend.use_compiled("cpu")):
         # Tiny calls notice every C API round trip (~1 us each): the library
         # validates shapes and dtypes itself, so they are checked here only
         # when it refuses, to raise the ValueError/TypeError the Python
