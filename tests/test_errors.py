@@ -442,6 +442,28 @@ def test_gluon_forward_wrong_channels(rng, usable, hybridize):
     usable()
 
 
+def test_gluon_hybridized_bad_input_after_good_calls(rng, usable):
+    """After good calls a hybridized block on the compiled backend lets the
+    library validate (the fast path); bad input still gets the block's own
+    messages, and the block keeps working."""
+    block = InstanceNorm(in_channels=3)
+    block.initialize()
+    block.hybridize()
+    x = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    want = ref_forward(x, np.ones(3), np.zeros(3), 1e-5)[0]
+    for _ in range(2):
+        assert_close(block(mx.nd.array(x)).asnumpy(), want, np.float32)
+    with pytest.raises(ValueError, match=re.escape(
+            "was built for 3 channels but data of shape (2, 4, 5) has 4 on axis 1")):
+        block(_arr(rng, (2, 4, 5)))
+    with pytest.raises(ValueError, match=re.escape("got rank 2, shape (2, 3)")):
+        block(_arr(rng, (2, 3)))
+    with pytest.raises(TypeError, match="cast the block"):
+        block(mx.nd.array(x, dtype=np.float64))
+    assert_close(block(mx.nd.array(x)).asnumpy(), want, np.float32)
+    usable()
+
+
 def test_gluon_forward_wrong_channels_after_deferred_init(rng, usable):
     block = InstanceNorm(axis=-1)
     block.initialize()

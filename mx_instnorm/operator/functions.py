@@ -237,7 +237,11 @@ def instance_norm(F, data, gamma, beta, eps, axis, name=None, out=None,
     ``rank`` and ``empty`` describe the data where known (they pick the
     Python backend's input guard in a graph).
     """
-    if backend.use_compiled(data.context.device_type if F is mx.nd else None):
+    if F is not mx.nd:
+        device_type = None
+    else:
+        device_type = "cpu" if _on_plain_cpu(data) else data.context.device_type
+    if backend.use_compiled(device_type):
         return _compiled(F, data, gamma, beta, eps, axis, name, out)
     return _custom(F, data, gamma, beta, eps, axis, name, out, rank, empty)
 
