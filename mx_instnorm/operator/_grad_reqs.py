@@ -99,14 +99,17 @@ def leaf_grad_req(arr):
         when ``arr`` has no gradient buffer (it is not a leaf); ``UNKNOWN``
         when its marking was not recorded.
     """
+    # Called for every input of every recorded call: written for speed.
     grad = ctypes.c_void_p()
-    check_call(_get_grad(arr.handle, ctypes.byref(grad)))
-    if not grad.value:
+    rc = _get_grad(arr.handle, ctypes.byref(grad))
+    if rc:
+        check_call(rc)
+    handle = grad.value
+    if not handle:
         return None
-    try:
-        return _records.get(_chunk(grad.value), UNKNOWN)
-    finally:
-        check_call(_free(grad))
+    req = _records.get(ctypes.c_void_p.from_address(handle).value, UNKNOWN)
+    check_call(_free(handle))
+    return req
 
 
 def leaf_grad_memory(arr):
