@@ -15,9 +15,9 @@ medians. Instance norm is memory-bound, so throughput is reported in GB/s:
 While it runs, our output (and ``dx``) is checked against the built-in's;
 the run aborts with exit status 2 if they differ by more than 1e-4
 relative. Providers that do not import (torch, onnxruntime + onnx) are
-skipped. The tiny case reports per-call latency in microseconds, with an
-empty CustomOp (same arguments, does nothing) as the floor of any Python
-CustomOp. Two forward rows give context and are not compared with the
+skipped. The tiny case reports per-call latency in microseconds (each
+sample a run of 20 calls of one provider), with an empty CustomOp (same
+arguments, does nothing) as the floor of any Python CustomOp. Two forward rows give context and are not compared with the
 targets: ``kernel-only`` (our kernel on preallocated NumPy arrays) and
 ``mx-copy`` (MXNet's ``x.copy()``, the cheapest operator with a fresh
 output, which every MXNet op pays for its output allocation).
@@ -35,9 +35,12 @@ Flags
                 FILE; needs matplotlib (``pip install mx_instnorm[bench]``).
 --memory        also measure the peak RSS of one forward+backward, ours vs
                 the built-in, each in a fresh subprocess (peak RSS minus
-                the baseline after imports and tensor creation; on Linux
-                VmHWM, reset to the current RSS first, since ru_maxrss
-                keeps the parent's and the imports' transient peaks).
+                the baseline after imports, tensor creation and one
+                warm-up step; on Linux VmHWM, reset to the current RSS
+                first, since ru_maxrss keeps the parent's and the imports'
+                transient peaks), for nd and hybridized Gluon calls with
+                leaf, 'add' leaf, interior and no-gradient inputs
+                (MEMORY_MODES).
 --memory-case NAME   the case --memory uses (default: the first non-tiny).
 --network       instead of single layers, a whole network: a CycleGAN-style
                 ResNet generator (reflection padding, 7x7 and 3x3 convs,
@@ -349,8 +352,17 @@ def _kernel_only(inp, threads):
 
 # ---------------------------------------------------------------- timing --
 
-def _time_interleaved(fns, repeat, warmup):
-    """Median seconds per call for each of ``fns`` (a dict), interleaved."""
+# Calls per sample in the tiny case: a ~100 us call timed alone measures
+# the cold caches the previous provider (another library, a Python
+# CustomOp) left behind as much as the call; a run of calls measures the
+# latency a loop of small calls sees.
+TINY_CALLS_PER_SAMPLE = 20
+
+
+def _time_interleaved(fns, repeat, warmup, calls=1):
+    """Median seconds per call for each of ``fns`` (a dict), interleaved:
+    each round takes one sample of each, in an order rotated every round;
+    a sample is ``calls`` calls in a row."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -359,9 +371,11 @@ def _time_interleaved(fns, repeat, warmup):
     for r in range(repeat):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            fn = fns[name]
             t0 = time.perf_counter()
-            fns[name]()
-            samples[name].append(time.perf_counter() - t0)
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / calls)
     return {name: float(np.median(s)) for name, s in samples.items()}
 
 
@@ -431,17 +445,18 @@ def _bench_case(name, shape, axis, args):
     fwd["memcpy"] = _memcpy(inp)
 
     nb = inp.nbytes
-    fwd_times = _time_interleaved(fwd, args.repeat, args.warmup)
+    calls = TINY_CALLS_PER_SAMPLE if _is_tiny(name) else 1
+    fwd_times = _time_interleaved(fwd, args.repeat, args.warmup, calls)
     # The memcpy floor of the modes that move 5 x nbytes: the copy scaled.
     floor_5x = fwd_times["memcpy"] * 5 / 2
-    fb_times = _time_interleaved(fb, args.repeat, args.warmup)
+    fb_times = _time_interleaved(fb, args.repeat, args.warmup, calls)
     fb_times["memcpy"] = floor_5x
     ours_g, bi_g = _gluon_pair(inp)
     gluon = {"ours": ours_g, "builtin": bi_g}
     if compiled:
         build = _with_backend("python", lambda: _gluon_pair(inp, ours_only=True))
         gluon["ours-python"] = _with_backend("python", build())
-    gluon_times = _time_interleaved(gluon, args.repeat, args.warmup)
+    gluon_times = _time_interleaved(gluon, args.repeat, args.warmup, calls)
     gluon_times["memcpy"] = floor_5x
     for mode, times, nbytes in (("fwd", fwd_times, 2 * nb), ("fwd+bwd", fb_times, 5 * nb),
                                 ("gluon fwd+bwd", gluon_times, 5 * nb)):
@@ -528,8 +543,19 @@ def _summary(rows):
             ctx.append(label % _geomean(ratios))
     if ctx:
         lines.append("fwd, for context: " + "; ".join(ctx))
+    # The training path: against two memcpys of the tensor (each reads and
+    # writes it once: 4 x nbytes, where forward+backward moves at least 5),
+    # and hybridized Gluon against nd on the same leaf input.
+    two = [t[(c, "fwd+bwd", "ours")] / (2 * t[(c, "fwd", "memcpy")]) for c in cases
+           if (c, "fwd+bwd", "ours") in t and (c, "fwd", "memcpy") in t]
+    gl = [t[(c, "gluon fwd+bwd", "ours")] / t[(c, "fwd+bwd", "ours")] for c in cases
+          if (c, "gluon fwd+bwd", "ours") in t and (c, "fwd+bwd", "ours") in t]
+    if two and gl:
+        lines.append("training path (ours, geomean): fwd+bwd %.2fx the time of two memcpys "
+                     "(target <= 2.5); gluon fwd+bwd %.2fx nd fwd+bwd, leaf input (target "
+                     "<= 1.25)" % (_geomean(two), _geomean(gl)))
     for c in sorted({c for c, *_ in rows if _is_tiny(c)}):
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in ("fwd", "fwd+bwd", "gluon fwd+bwd"):
             o, p, b, e = (t.get((c, mode, prov)) for prov in
                           ("ours", "ours-python", "builtin", "empty-customop"))
             if o and b:
@@ -603,7 +629,19 @@ def _peak_kib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _memory_child(provider, case, cases):
+# What --memory measures: (name, how the input is made, nd or hybridized
+# Gluon). "leaf": x, gamma and beta marked with attach_grad() (grad_req
+# 'write'); "add leaf": marked grad_req='add'; "interior": x computed from a
+# leaf inside the recording (what a layer inside a network gets), the same
+# extra op for every provider; "no-grad input": x has no gradient buffer
+# and no history (images fed to a network), only gamma/beta get gradients.
+MEMORY_MODES = (("nd leaf", "leaf", "nd"), ("nd add leaf", "add", "nd"),
+                ("nd interior", "interior", "nd"), ("nd no-grad input", "nograd", "nd"),
+                ("gluon leaf", "leaf", "gluon"),
+                ("gluon no-grad input", "nograd", "gluon"))
+
+
+def _memory_child(provider, case, cases, mode):
     """In a fresh process: peak RSS growth of one forward+backward.
 
     The tensors are made by MXNet directly (no float64 NumPy temporaries,
@@ -612,14 +650,25 @@ def _memory_child(provider, case, cases):
     mx = _mx()
     shape, axis = cases[case]
     channels = shape[axis]
+    _, inputs, api = next(m for m in MEMORY_MODES if m[0] == mode)
+    if provider.startswith("ours-python"):
+        os.environ["MX_INSTNORM_BACKEND"] = "python"
     x = mx.nd.random.normal(shape=shape)
     dy = mx.nd.random.normal(shape=shape)
     g, b = mx.nd.ones(channels), mx.nd.zeros(channels)
-    for arr in (x, g, b):
-        arr.attach_grad()
-    if provider.startswith("ours-python"):
-        os.environ["MX_INSTNORM_BACKEND"] = "python"
-    if provider.startswith("ours"):
+    for arr in (g, b) if inputs == "nograd" else (x, g, b):
+        arr.attach_grad("add" if inputs == "add" else "write")
+    if api == "gluon":
+        from mxnet.gluon import nn
+        from mx_instnorm.gluon import InstanceNorm
+        kw = dict(axis=axis, epsilon=EPS, scale=True, center=True)
+        block = (InstanceNorm if provider.startswith("ours") else nn.InstanceNorm)(**kw)
+        block.initialize(ctx=mx.cpu())
+        block.hybridize()
+
+        def fn(x, g, b):
+            return block(x)
+    elif provider.startswith("ours"):
         from mx_instnorm.nd import InstanceNorm
 
         def fn(x, g, b):
@@ -631,38 +680,53 @@ def _memory_child(provider, case, cases):
         def fn(x, g, b):
             return mx.nd.InstanceNorm(x.swapaxes(1, axis), g, b,
                                       eps=EPS).swapaxes(1, axis)
+
+    def step():
+        with mx.autograd.record():
+            y = fn(x * 1.0 if inputs == "interior" else x, g, b)
+        y.backward(dy)
+        mx.nd.waitall()
+
     # One full-size call first, freed before measuring: it loads whatever a
     # first call loads (a smaller warm-up would take a small-input path and
-    # leave the rest inside the measurement).
-    with mx.autograd.record():
-        ys = fn(x, g, b)
-    ys.backward(dy)
-    mx.nd.waitall()
-    del ys
+    # leave the rest inside the measurement) and builds a Gluon graph.
+    step()
     mx.nd.waitall()
     _reset_peak_rss()
     base = _peak_kib()
-    with mx.autograd.record():
-        y = fn(x, g, b)
-    y.backward(dy)
-    mx.nd.waitall()
+    step()
     peak = _peak_kib()
     print("MEMORY_KIB %d" % (peak - base))
 
 
 def _memory(case, args):
+    """{mode: [(provider, KiB)]} for every mode of MEMORY_MODES."""
     provs = ["ours", "builtin"] + (["ours-python"] if _backend() == "compiled" else [])
-    out = []
-    for prov in provs:
-        cmd = [sys.executable, "-m", "mx_instnorm.bench", "--_memory-child",
-               prov, case] + (["--quick"] if args.quick else [])
-        env = dict(os.environ, MX_INSTNORM_NUM_THREADS=str(args.threads))
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        kib = [ln for ln in res.stdout.splitlines() if ln.startswith("MEMORY_KIB")]
-        if res.returncode or not kib:
-            raise SystemExit("memory child for %s failed:\n%s" % (prov, res.stderr[-2000:]))
-        out.append((prov, int(kib[0].split()[1])))
+    out = {}
+    for mode, _, _ in MEMORY_MODES:
+        for prov in provs:
+            cmd = [sys.executable, "-m", "mx_instnorm.bench", "--_memory-child",
+                   prov, case, mode] + (["--quick"] if args.quick else [])
+            env = dict(os.environ, MX_INSTNORM_NUM_THREADS=str(args.threads))
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            kib = [ln for ln in res.stdout.splitlines() if ln.startswith("MEMORY_KIB")]
+            if res.returncode or not kib:
+                raise SystemExit("memory child for %s, %s failed:\n%s"
+                                 % (prov, mode, res.stderr[-2000:]))
+            out.setdefault(mode, []).append((prov, int(kib[0].split()[1])))
     return out
+
+
+def _memory_table(case, nbytes, res):
+    provs = [p for p, _ in next(iter(res.values()))]
+    lines = ["peak RSS growth of one forward+backward, %s (%.1f MiB tensor; fresh "
+             "process each; MiB)" % (case, nbytes / 2**20),
+             "%-22s" % "mode" + "".join("%13s" % p for p in provs) + "   ours/builtin"]
+    for mode, row in res.items():
+        kib = dict(row)
+        lines.append("%-22s" % mode + "".join("%13.1f" % (k / 1024) for _, k in row)
+                     + "   %.2f" % (kib["ours"] / max(kib["builtin"], 1)))
+    return lines
 
 
 # ------------------------------------------------------------------ main --
@@ -804,7 +868,7 @@ def _parse(argv):
     p.add_argument("--network", action="store_true",
                    help="whole network: CycleGAN ResNet generator, built-in vs swapped")
     p.add_argument("--tiny-all", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--_memory-child", nargs=2, dest="memory_child", help=argparse.SUPPRESS)
+    p.add_argument("--_memory-child", nargs=3, dest="memory_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error("--threads must be >= 1, got %d" % args.threads)
@@ -821,7 +885,8 @@ def main(argv=None):
     cases = QUICK_CASES if args.quick else CASES
     if args.memory_child:
         import mx_instnorm  # noqa: F401 - registers the op
-        _memory_child(args.memory_child[0], args.memory_child[1], cases)
+        prov, case, mode = args.memory_child
+        _memory_child(prov, case, cases, mode)
         return 0
     if args.network:
         return _network(args)
@@ -884,9 +949,9 @@ def main(argv=None):
         if case not in cases:
             parser.error("unknown --memory-case %r" % case)
         res = _memory(case, args)
+        shape = cases[case][0]
         print()
-        print("peak RSS growth of one forward+backward, %s (fresh process each): %s"
-              % (case, ", ".join("%s %.1f MiB" % (p, k / 1024) for p, k in res)))
+        print("\n".join(_memory_table(case, 4 * math.prod(shape), res)))
     if args.plot:
         _plot(rows, args.plot)
     return 0
