@@ -608,6 +608,24 @@ Stats backward_stats(GradSums* sums, const T* dy, const T* x, const Layout& L, i
   return st;
 }
 
+// dx written, or added to what it holds (MXNet's grad_req 'add'): `add`
+// reaches the loops as a compile-time constant (std::true_type or
+// std::false_type), so that the writing loops carry no branch.
+template <class F>
+MX_INSTNORM_INLINE void with_add(bool add, F&& f) {
+  if (add)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
+// One dx element: v, or v summed with what q holds, rounded once.
+template <class Add, class T, class AccT>
+MX_INSTNORM_INLINE void put(T* q, AccT v) {
+  if constexpr (Add::value) v = widen(*q) + v;
+  *q = narrow<T>(v);
+}
+
 // dx = k (g - c1 - xhat c2) = k (g - b1 d + b0), with d = x - K,
 // b1 = rstd c2 and b0 = b1 mu - c1. k is kept apart: at |x| ~ 1e30, k and
 // b1 are both ~1e-30 and their product would underflow float32.
@@ -668,8 +686,6 @@ MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x,
     const AccT k = static_cast<AccT>(co.k), b0 = static_cast<AccT>(co.b0), b1 = static_cast<AccT>(co.b1);
     // One formula for vectors, scalars and F16C chunks alike.
     auto out = [&](auto gv, auto xv) __attribute__((always_inline)) { return k * (gv - b1 * (xv - K) + b0); };
-    // dx is written, or added to what dx holds (widened, summed in AccT,
-    // rounded once); `add` is a compile-time constant for the loops.
     auto write_dx = [&](auto add) __attribute__((always_inline)) {
       for (int64_t a = 0; a < L.a; ++a) {
         const int64_t off = base + a * stride;
@@ -701,17 +717,10 @@ MX_INSTNORM_HOT void backward_segments(const Layout& L, const T* dy, const T* x,
             store(q + j, v);
           }
         }
-        for (; j < L.b; ++j) {
-          AccT v = out(widen(g[j]), widen(p[j]));
-          if constexpr (decltype(add)::value) v = widen(q[j]) + v;
-          q[j] = narrow<T>(v);
-        }
+        for (; j < L.b; ++j) put<decltype(add)>(q + j, out(widen(g[j]), widen(p[j])));
       }
     };
-    if (add_dx)
-      write_dx(std::true_type{});
-    else
-      write_dx(std::false_type{});
+    with_add(add_dx, write_dx);
   }
 }
 
@@ -774,7 +783,6 @@ MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, 
   }
   if (dx == nullptr) return;
   alignas(64) AccT qbuf[chunked ? kColBlock : 1];
-  // As in backward_segments: dx written, or added to.
   auto write_dx = [&](auto add) __attribute__((always_inline)) {
     for (int64_t r = 0; r < L.a; ++r) {
       T* q = dx + base + r * C;
@@ -792,18 +800,13 @@ MX_INSTNORM_HOT void backward_columns(const Layout& L, const T* dy, const T* x, 
                       return;
                     }
                   }
-                  for (int64_t j = 0; j < w; ++j) {
-                    AccT v = k[j] * (widen(g[j]) - b1[j] * (widen(p[j]) - K[j]) + b0[j]);
-                    if constexpr (decltype(add)::value) v = widen(q[j]) + v;
-                    q[j] = narrow<T>(v);
-                  }
+                  for (int64_t j = 0; j < w; ++j)
+                    put<decltype(add)>(q + j, k[j] * (widen(g[j]) - b1[j] * (widen(p[j]) - K[j]) +
+                                                     b0[j]));
                 });
     }
   };
-  if (add_dx)
-    write_dx(std::true_type{});
-  else
-    write_dx(std::false_type{});
+  with_add(add_dx, write_dx);
 }
 
 // ---------------------------------------------------------------- threads --

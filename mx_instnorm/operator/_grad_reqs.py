@@ -57,21 +57,19 @@ _records = {}
 # Whether leaf_grad_memory may read a chunk's memory (checked at import).
 _memory_layout = False
 
-# MXNDArrayGetGrad never waits for the engine: the GIL is kept (PyDLL).
-_get_grad = ctypes.PyDLL(_LIB._name).MXNDArrayGetGrad
-_get_grad.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))
-_get_grad.restype = ctypes.c_int
-_free = ctypes.PyDLL(_LIB._name).MXNDArrayFree
-_free.argtypes = (ctypes.c_void_p,)
-_free.restype = ctypes.c_int
+def _bind(name, *argtypes):
+    # None of these waits for the engine: the GIL is kept (PyDLL).
+    fn = getattr(ctypes.PyDLL(_LIB._name), name)
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn
 
 
-_get_symbol = ctypes.PyDLL(_LIB._name).MXAutogradGetSymbol
-_get_symbol.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))
-_get_symbol.restype = ctypes.c_int
-_free_symbol = ctypes.PyDLL(_LIB._name).MXSymbolFree
-_free_symbol.argtypes = (ctypes.c_void_p,)
-_free_symbol.restype = ctypes.c_int
+_OUT = ctypes.POINTER(ctypes.c_void_p)
+_get_grad = _bind("MXNDArrayGetGrad", ctypes.c_void_p, _OUT)
+_free = _bind("MXNDArrayFree", ctypes.c_void_p)
+_get_symbol = _bind("MXAutogradGetSymbol", ctypes.c_void_p, _OUT)
+_free_symbol = _bind("MXSymbolFree", ctypes.c_void_p)
 
 
 def _chunk(handle):
