@@ -39,7 +39,7 @@ import ctypes
 import mxnet as mx
 from mxnet.base import _LIB, check_call
 
-from ._ndview import _get_data_nogil
+from ._ndview import _OUT_POINTER as _OUT, _get_data_nogil, c_function
 
 __all__ = ["UNKNOWN", "has_history", "leaf_grad_memory", "leaf_grad_req", "recording"]
 
@@ -57,19 +57,12 @@ _records = {}
 # Whether leaf_grad_memory may read a chunk's memory (checked at import).
 _memory_layout = False
 
-def _bind(name, *argtypes):
-    # None of these waits for the engine: the GIL is kept (PyDLL).
-    fn = getattr(ctypes.PyDLL(_LIB._name), name)
-    fn.argtypes = argtypes
-    fn.restype = ctypes.c_int
-    return fn
 
-
-_OUT = ctypes.POINTER(ctypes.c_void_p)
-_get_grad = _bind("MXNDArrayGetGrad", ctypes.c_void_p, _OUT)
-_free = _bind("MXNDArrayFree", ctypes.c_void_p)
-_get_symbol = _bind("MXAutogradGetSymbol", ctypes.c_void_p, _OUT)
-_free_symbol = _bind("MXSymbolFree", ctypes.c_void_p)
+# None of these waits for the engine: the GIL is kept.
+_get_grad = c_function("MXNDArrayGetGrad", ctypes.c_void_p, _OUT)
+_free = c_function("MXNDArrayFree", ctypes.c_void_p)
+_get_symbol = c_function("MXAutogradGetSymbol", ctypes.c_void_p, _OUT)
+_free_symbol = c_function("MXSymbolFree", ctypes.c_void_p)
 
 
 def _chunk(handle):

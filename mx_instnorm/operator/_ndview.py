@@ -18,11 +18,18 @@ import numpy as np
 from mxnet.base import _LIB, check_call
 
 
-def _bind_get_data(dll):
-    fn = dll(_LIB._name).MXNDArrayGetData
-    fn.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))
+def c_function(name, *argtypes, keep_gil=True):
+    """MXNet's C API function ``name`` with its argument types declared. The
+    GIL is kept during the call (``ctypes.PyDLL``: cheaper) unless
+    ``keep_gil`` is False (``ctypes.CDLL``), which a call that may wait for
+    the engine needs."""
+    fn = getattr((ctypes.PyDLL if keep_gil else ctypes.CDLL)(_LIB._name), name)
+    fn.argtypes = argtypes
     fn.restype = ctypes.c_int
     return fn
+
+
+_OUT_POINTER = ctypes.POINTER(ctypes.c_void_p)
 
 
 # MXNDArrayGetData converts an array a oneDNN operator left in a blocked
@@ -30,16 +37,17 @@ def _bind_get_data(dll):
 # need the GIL to get there (it runs CustomOp callbacks, among them the
 # delete callback when it drops the last reference to an op), so a call that
 # can wait must release the GIL: ctypes.CDLL does.
-_get_data_nogil = _bind_get_data(ctypes.CDLL)
+_get_data_nogil = c_function("MXNDArrayGetData", ctypes.c_void_p, _OUT_POINTER,
+                             keep_gil=False)
 
 # The same function through PyDLL, keeping the GIL, for numpy_view only:
 # inside a CustomOp callback the arrays are plain copies MXNet has finished
 # (the call reads a pointer and never waits), and releasing and re-taking
 # the GIL around each call, with the engine thread and the user's thread
 # competing for it, cost more than the call itself.
-_get_data = _bind_get_data(ctypes.PyDLL)
+_get_data = c_function("MXNDArrayGetData", ctypes.c_void_p, _OUT_POINTER)
 
-__all__ = ["numpy_view", "plain_layout"]
+__all__ = ["c_function", "numpy_view", "plain_layout"]
 
 
 class _Interface:

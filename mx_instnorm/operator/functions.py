@@ -13,11 +13,12 @@ import ctypes
 import os
 
 import mxnet as mx
-from mxnet.base import _LIB, check_call
+from mxnet.base import check_call
 
 from . import _params, backend, compiled
 from ._errors import explain_errors
 from ._grad_reqs import has_history, leaf_grad_memory, leaf_grad_req
+from ._ndview import c_function
 from ._onednn import guard_input, guard_output
 from .custom_op import OP_TYPE
 
@@ -160,12 +161,10 @@ def _parse(eps, axis):
     key = (type(eps), eps, type(axis), axis)
     try:
         return _parsed[key]
-    except (KeyError, TypeError):  # TypeError: an unhashable value
-        parsed = _params.parse_eps(eps), _params.parse_axis(axis)
-    try:
-        return _remember(_parsed, key, parsed)
-    except TypeError:
-        return parsed
+    except KeyError:
+        return _remember(_parsed, key, (_params.parse_eps(eps), _params.parse_axis(axis)))
+    except TypeError:  # an unhashable value: parsed, not remembered
+        return _params.parse_eps(eps), _params.parse_axis(axis)
 
 
 def _op_kwargs(eps, axis):
@@ -176,11 +175,9 @@ def _op_kwargs(eps, axis):
         return _remember(_kwargs, (eps, axis), {"eps": repr(float(eps)), "axis": str(int(axis))})
 
 
-# MXNDArrayGetContext never waits: the GIL is kept (PyDLL).
-_get_context = ctypes.PyDLL(_LIB._name).MXNDArrayGetContext
-_get_context.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_int),
-                         ctypes.POINTER(ctypes.c_int))
-_get_context.restype = ctypes.c_int
+# Never waits for the engine: the GIL is kept.
+_get_context = c_function("MXNDArrayGetContext", ctypes.c_void_p,
+                          ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int))
 
 
 def _on_plain_cpu(arr):
